@@ -1,0 +1,336 @@
+"""Reading records, building SFT examples with prompt masking, left-padded batches and the batch plan.
+
+The contract every recipe inherits:
+- `read_records(path)` reads .jsonl, .json (a list of objects) and .jsonl.zst; a bad line is a `DataError` naming
+  file, line and field.
+- An example is `{"input_ids": [...], "labels": [...]}`; labels are -100 wherever no loss is wanted (prompt, pad).
+- Batches are left-padded (pads first) with attention_mask 0 on pads and position_ids counting real tokens from 0,
+  so a row's logits do not depend on how much padding it got.
+"""
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import UserError
+
+IGNORE_INDEX = -100  # label value that carries no loss (prompt and pad positions)
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(UserError):
+    """Bad input data; the message names the file, line and field."""
+
+
+@dataclass
+class Record:
+    data: dict
+    where: str  # "path:line" (jsonl) or "path:item N" (json list), for error messages
+
+
+def read_records(path) -> list[Record]:
+    """Read JSON objects from .jsonl, .jsonl.zst or .json (a list); fail with file:line on the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    name = path.name
+    raw = path.read_bytes()
+    if name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+        name = name[: -len(".zst")]
+    if name.endswith(".json"):
+        try:
+            items = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(items).__name__}")
+        records = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise DataError(f"{path}:item {i}: expected a JSON object, got {type(item).__name__}")
+            records.append(Record(item, f"{path}:item {i}"))
+    elif name.endswith(".jsonl"):
+        records = []
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(item, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+            records.append(Record(item, f"{path}:{lineno}"))
+    else:
+        raise DataError(f"{path}: unsupported file type; expected .jsonl, .json or .jsonl.zst")
+    if not records:
+        raise DataError(f"{path}: no records (empty file)")
+    return records
+
+
+def require_str(record: Record, field: str, allow_empty=False) -> str:
+    if field not in record.data:
+        raise DataError(f"{record.where}: missing field '{field}'")
+    value = record.data[field]
+    if not isinstance(value, str):
+        raise DataError(f"{record.where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{record.where}: field '{field}' is empty")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT: a record becomes text segments, each trained on or not, then token ids and labels.
+
+
+def sft_format(record: Record) -> str:
+    keys = record.data.keys()
+    if "messages" in keys:
+        return "chat"
+    if "instruction" in keys or "output" in keys:
+        return "alpaca"
+    if "target" in keys:
+        return "input_target"
+    raise DataError(
+        f"{record.where}: unrecognized SFT record with fields {sorted(keys)}; expected alpaca "
+        "{instruction, input?, output}, {input, target} or chat {messages: [{role, content}, ...]}"
+    )
+
+
+def chat_messages(record: Record) -> list[dict]:
+    messages = record.data["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{record.where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{record.where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{record.where}: field 'messages[{i}].role' is {m['role']!r}; expected system, user or assistant")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise DataError(f"{record.where}: field 'messages' must end with a non-empty assistant message")
+    return messages
+
+
+def prompt_and_answer(record: Record, fmt: str, alpaca_template=True) -> tuple[str, str]:
+    """alpaca and input/target records as (prompt, answer) text; alpaca_template=False gives the bare instruction
+    (plus input) as the prompt, for a chat template to wrap."""
+    if fmt == "alpaca":
+        instruction = require_str(record, "instruction")
+        extra = record.data.get("input", "")
+        if not isinstance(extra, str):
+            raise DataError(f"{record.where}: field 'input' must be a string, got {type(extra).__name__}")
+        answer = require_str(record, "output")
+        if not alpaca_template:
+            return (f"{instruction}\n\n{extra}" if extra.strip() else instruction), answer
+        template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=instruction, input=extra), answer
+    return require_str(record, "input", allow_empty=True), require_str(record, "target")
+
+
+def sft_segments(record: Record, tokenizer, prompt_template: str) -> tuple[list[tuple[str, bool]], bool]:
+    """Text segments [(text, train_on_it)] and whether the tokenizer's BOS/EOS must be added around them.
+
+    prompt_template "alpaca": alpaca records use the Alpaca prompt, input/target records are raw prompt + answer.
+    prompt_template "chat": every record goes through the tokenizer's chat template (chat records always do).
+    """
+    fmt = sft_format(record)
+    if fmt == "chat" or prompt_template == "chat":
+        if fmt == "chat":
+            messages = chat_messages(record)
+        else:
+            prompt, answer = prompt_and_answer(record, fmt, alpaca_template=False)
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return chat_segments(messages, tokenizer, record.where), False
+    prompt, answer = prompt_and_answer(record, fmt)
+    return [(prompt, False), (answer, True)], True
+
+
+def chat_segments(messages, tokenizer, where) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into prompt parts and assistant replies (each reply trained on).
+
+    Reply i spans from the rendering of messages[:i] with the generation prompt to the rendering of messages[:i+1],
+    so the reply includes the template's end-of-turn token and the model learns to stop.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat data needs a tokenizer with a chat template; this tokenizer has none")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, after = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render the conversation prefix by prefix; "
+                            "cannot tell the replies apart")
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    full = render(messages, False)
+    if len(full) > len(done):
+        segments.append((full[len(done):], False))
+    return [s for s in segments if s[0]]
+
+
+def tokenize_segments(segments, tokenizer, add_bos_eos: bool) -> tuple[list[int], list[bool]]:
+    """Tokenize the concatenated text once (ids equal what inference sees); mark the tokens of trained segments.
+
+    A token belongs to the segment where its text ends; zero-width special tokens (BOS) belong to none.
+    """
+    text = "".join(t for t, _ in segments)
+    enc = tokenizer(text, add_special_tokens=add_bos_eos, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    spans, pos = [], 0
+    for seg_text, trained in segments:
+        if trained:
+            spans.append((pos, pos + len(seg_text)))
+        pos += len(seg_text)
+    is_answer = [end > start and any(s < end <= e for s, e in spans) for start, end in offsets]
+    if add_bos_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
+        if not ids or ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+            is_answer.append(True)
+    return ids, is_answer
+
+
+def truncate_keep_answer(ids: list[int], is_answer: list[bool], max_len: int, keep_first: int):
+    """Cut to max_len tokens keeping the last answer: drop prompt tokens from the left (after the first
+    `keep_first`, the BOS), then, if the answer alone is too long, its end. Returns ids, is_answer, tokens cut."""
+    excess = len(ids) - max_len
+    if excess <= 0:
+        return ids, is_answer, 0
+    last_answer_start = len(ids)
+    while last_answer_start > 0 and not is_answer[last_answer_start - 1]:
+        last_answer_start -= 1  # skip a trailing non-answer tail (template text after the last reply)
+    while last_answer_start > 0 and is_answer[last_answer_start - 1]:
+        last_answer_start -= 1
+    cut_left = min(excess, max(0, last_answer_start - keep_first))
+    ids = ids[:keep_first] + ids[keep_first + cut_left:]
+    is_answer = is_answer[:keep_first] + is_answer[keep_first + cut_left:]
+    return ids[:max_len], is_answer[:max_len], excess
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    tokens: int = 0  # total input tokens after truncation
+    trained_tokens: int = 0  # tokens that carry loss
+    truncated_examples: int = 0
+    truncated_tokens: int = 0
+    dropped_examples: int = 0  # with truncation="drop", or left with no trained token
+
+    def summary(self) -> str:
+        return (f"{self.examples:,} examples, {self.tokens:,} tokens ({self.trained_tokens:,} trained), "
+                f"{self.truncated_examples:,} truncated ({self.truncated_tokens:,} tokens cut), "
+                f"{self.dropped_examples:,} dropped")
+
+
+def build_sft_examples(records, tokenizer, max_seq_len: int, prompt_template="alpaca", train_on_prompt=False,
+                       truncation="keep_answer") -> tuple[list[dict], DataStats]:
+    """Records to examples {input_ids, labels}. truncation: "keep_answer" (cut the prompt's start first) or "drop"."""
+    if prompt_template not in ("alpaca", "chat"):
+        raise ValueError(f"prompt_template must be 'alpaca' or 'chat', got {prompt_template!r}")
+    if truncation not in ("keep_answer", "drop"):
+        raise ValueError(f"truncation must be 'keep_answer' or 'drop', got {truncation!r}")
+    examples, stats = [], DataStats()
+    for record in records:
+        segments, add_bos_eos = sft_segments(record, tokenizer, prompt_template)
+        ids, is_answer = tokenize_segments(segments, tokenizer, add_bos_eos)
+        if len(ids) > max_seq_len:
+            if truncation == "drop":
+                stats.dropped_examples += 1
+                continue
+            keep_first = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+            ids, is_answer, cut = truncate_keep_answer(ids, is_answer, max_seq_len, keep_first)
+            stats.truncated_examples += 1
+            stats.truncated_tokens += cut
+        labels = [t if (answer or train_on_prompt) else IGNORE_INDEX for t, answer in zip(ids, is_answer)]
+        n_trained = sum(label != IGNORE_INDEX for label in labels[1:])  # position 0 is never predicted
+        if n_trained == 0:
+            stats.dropped_examples += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.trained_tokens += n_trained
+    if not examples:
+        raise DataError(f"no usable examples: all {len(records)} records were dropped (max_seq_len={max_seq_len})")
+    return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching: left padding and the order of batches.
+
+
+def collate_left_padded(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Left-pad a list of {input_ids, labels?} into tensors; pads get attention 0, label -100, position 0."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, width - n:] = torch.tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[row, width - n:] = 1
+        if "labels" in e:
+            labels[row, width - n:] = torch.tensor(e["labels"], dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if "labels" in examples[0]:
+        batch["labels"] = labels
+    return batch
+
+
+def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches (lists of example indices) for one epoch; deterministic in (seed, epoch).
+
+    group_by_length: shuffle, then sort within windows of 64 batches by length so a batch holds similar lengths
+    (less padding), shuffle the batches and put the longest first (an out-of-memory shows at step 1, not hour 5).
+    Every rank gets the same number of batches: the plan wraps around to fill the last round.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * 64
+        order = [i for w in range(0, len(order), window)
+                 for i in sorted(order[w:w + window], key=lambda i: -lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length and len(batches) > 1:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        first = batches.pop(longest)
+        rng.shuffle(batches)
+        batches.insert(0, first)
+    rounds = math.ceil(len(batches) / world_size)
+    batches += batches[: rounds * world_size - len(batches)]
+    return batches[rank::world_size]
+
+
+def padding_efficiency(batches: list[list[int]], lengths: list[int]) -> float:
+    """Real tokens over tokens computed (real + pad) for a batch plan."""
+    real = sum(lengths[i] for b in batches for i in b)
+    computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return real / max(computed, 1)

@@ -1,0 +1,157 @@
+"""What a person reads while a run goes: the start-up block, one line per logged step, metrics.jsonl, TensorBoard
+(by default) or wandb / mlflow (`--report_to`), a progress bar when the terminal is interactive, and loss.png at
+the end. Only rank 0 writes; the other ranks get a logger that does nothing.
+"""
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def quiet_third_party_logs():
+    """Keep the step log readable: no per-file progress bars or info chatter from the libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft still calls the transformers 4 names of the checkpointing switches; the warning is not for our users
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import logging
+
+    for name in ("DeepSpeed", "torch.distributed", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+def format_step(step: int, total: int, values: dict) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("lr", "lr {:.1e}"),
+                     ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mem_gb", "mem {:.2f} GB")):
+        if key in values and values[key] is not None:
+            parts.append(fmt.format(values[key]))
+    return " | ".join(parts)
+
+
+class StepLogger:
+    """Writes a step's metrics everywhere they belong. `enabled=False` (ranks > 0) makes every call a no-op."""
+
+    def __init__(self, output_dir, total_steps: int, report_to=("tensorboard",), enabled=True, run_name=None,
+                 config: dict | None = None):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.output_dir = Path(output_dir)
+        self.history: list[dict] = []
+        self.bar = self.tb = self.wandb = self.mlflow = None
+        if not enabled:
+            return
+        unknown = set(report_to) - set(REPORTERS)
+        if unknown:
+            from common.config import ConfigError
+
+            raise ConfigError(f"--report_to: unknown {sorted(unknown)}; expected some of {', '.join(REPORTERS)}")
+        self.metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "llama-train-recipes"), name=run_name,
+                                    config=config)
+        if "mlflow" in report_to:
+            import mlflow
+
+            mlflow.start_run(run_name=run_name)
+            if config:
+                mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+            self.mlflow = mlflow
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, dynamic_ncols=True, leave=False)
+
+    def info(self, text: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def log(self, step: int, values: dict, echo=True):
+        """Record metrics of `step`; echo=True prints the one-line step log."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: v for k, v in values.items() if v is not None}, "time": round(time.time(), 3)}
+        self.history.append(row)
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and v is not None}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(numbers, step=step)
+        if echo:
+            self.info(format_step(step, self.total_steps, values))
+
+    def advance(self, n=1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+        plot_loss_curve(self.history, self.output_dir / "loss.png")
+
+
+def plot_loss_curve(history: list[dict], path: Path):
+    """Training (and eval) loss against step, as a PNG."""
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r and math.isfinite(r["eval_loss"])]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,180 @@
+"""Finding, loading and quantizing Llama-family models; the pad token; LoRA.
+
+`model_path="tiny"` is a deterministic random-init Llama built from common/tiny_llama/config.json, saved once to a
+cache folder with its tokenizer, then loaded by `from_pretrained` like any other checkpoint. Any other model_path is
+a local Hugging Face folder: nothing is fetched from a hub and `trust_remote_code` stays off.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common.config import UserError
+
+TINY_LLAMA_DIR = Path(__file__).resolve().parent / "tiny_llama"
+TINY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_RECIPES_CACHE", Path.home() / ".cache" / "llama-train-recipes"))
+
+
+def materialize_tiny_llama() -> Path:
+    """Build the tiny Llama once (fixed seed) and return its folder; safe when several ranks race to build it."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in TINY_FILES:
+        digest.update((TINY_LLAMA_DIR / name).read_bytes())
+    target = cache_dir() / f"tiny-llama-{digest.hexdigest()[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    config = LlamaConfig.from_pretrained(TINY_LLAMA_DIR)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp)
+    for name in TINY_FILES[1:]:
+        shutil.copy(TINY_LLAMA_DIR / name, tmp / name)
+    try:
+        os.rename(tmp, target)  # atomic: a reader sees no folder or a complete one
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_path: str) -> Path:
+    """'tiny' or a local Hugging Face model folder; a clear error for anything else."""
+    if model_path == "tiny":
+        return materialize_tiny_llama()
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--model_path={model_path}: no such folder; expected 'tiny' or a local Hugging Face "
+                        "model folder (config.json + *.safetensors); nothing is downloaded")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model_path={model_path}: no config.json in this folder; not a Hugging Face checkpoint")
+    config = json.loads((path / "config.json").read_text())
+    arch = " ".join(config.get("architectures") or [])
+    if "quantization_config" not in config and not any(s in arch for s in ("CausalLM", "SequenceClassification")):
+        raise UserError(f"--model_path={model_path}: config.json names architectures [{arch}]; expected a causal "
+                        "LM checkpoint (e.g. LlamaForCausalLM)")
+    return path
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token and left padding; returns where the pad token came from.
+
+    Pads never carry loss whatever their id (labels are -100 on pad positions by construction), but a pad distinct
+    from EOS keeps EOS meaningful for reward models and generation, so prefer one when the vocabulary has it.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is not None:
+        return "tokenizer"
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|reserved_special_token_0|>", "<|endoftext|>"):
+        if candidate in vocab and candidate != tokenizer.eos_token:
+            tokenizer.pad_token = candidate
+            return candidate
+    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+        return "unk"
+    tokenizer.pad_token = tokenizer.eos_token
+    return "eos (no other token available)"
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def bnb_quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """BitsAndBytesConfig for 'nf4' (4-bit NormalFloat, double quant: QLoRA) or 'int8'; None for 'none'."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"--quantization={quantization}: expected one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def disable_bnb_cpu_inference_repack(model) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
+    no-grad forward; training after that (say, after an eval) gets wrong LoRA gradients with only a warning.
+    Turn the repack off on every 4-bit layer; returns how many layers were changed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def load_model(model_dir: Path, quantization="none", dtype=torch.float32, device_map=None, model_class=None,
+               attn_implementation="sdpa", **kwargs):
+    """from_pretrained on a local folder, optionally quantized with bitsandbytes; kwargs go to from_pretrained
+    (num_labels for a classifier, for example)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    model = model_class.from_pretrained(
+        model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+        quantization_config=bnb_quantization_config(quantization, dtype), local_files_only=True,
+        trust_remote_code=False, **kwargs,
+    )
+    if quantization == "nf4":
+        disable_bnb_cpu_inference_repack(model)
+    return model
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules, task_type="CAUSAL_LM", modules_to_save=None):
+    """Wrap `model` with LoRA adapters; target_modules 'all-linear' puts them on every projection but the head."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules in ("all-linear", ["all-linear"]) else list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
+                        bias="none", modules_to_save=modules_to_save)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting a 4-bit packed weight as the parameters it stands for."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def prepare_for_lora_training(model, quantized: bool, gradient_checkpointing: bool):
+    """Before adding LoRA: freeze the base, keep norms and head in fp32 for a k-bit base (peft's recipe), and turn on
+    non-reentrant gradient checkpointing with input grads so checkpointed segments still reach the adapters."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model

@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule."""
+import math
+
+import torch
+
+OPTIMIZERS = ("adamw", "paged_adamw_8bit", "adamw_8bit")
+
+
+def make_optimizer(model, name: str, lr: float, weight_decay: float, device: torch.device):
+    """AdamW over the trainable parameters; no weight decay on biases and norms.
+
+    name "paged_adamw_8bit" (the QLoRA choice: 8-bit states paged to host memory under pressure) and "adamw_8bit"
+    need bitsandbytes on a GPU; on CPU they fall back to torch AdamW.
+    """
+    if name not in OPTIMIZERS:
+        from common.config import ConfigError
+
+        raise ConfigError(f"--optim={name}: expected one of {', '.join(OPTIMIZERS)}")
+    decay, no_decay = [], []
+    for param_name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in param_name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name != "adamw" and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
+    """LambdaLR factor: linear warmup to 1, then cosine decay to min_ratio at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor

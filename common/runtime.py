@@ -1,0 +1,76 @@
+"""Process setup: seeding, the device, threads per process and torch.distributed under torchrun."""
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0  # global rank
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        launcher = f"torchrun, {self.world_size} processes" if self.distributed else "single process"
+        return f"{self.device} ({name}), {launcher}"
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(seed: int) -> Runtime:
+    """Seed, pick the device and join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # N processes on C cores each default to C threads and oversubscribe badly: give each C / N
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    seed_everything(seed)
+    return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp32 elsewhere (CPU runs are for checking, and fp32 keeps them exact)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Sum a few numbers over all ranks (identity in a single process)."""
+    if not runtime.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def cleanup(runtime: Runtime):
+    if runtime.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Left padding must not change what the model computes for a row: logits and greedy generations of a padded batch
+equal those of each row alone."""
+import torch
+
+from common.data import collate_left_padded
+
+PROMPTS = ["What is the capital of France?", "计算 17 加 25。", "Reverse the letters: a b c d e f g h i j"]
+
+
+def encode(tokenizer):
+    return [{"input_ids": tokenizer(p).input_ids} for p in PROMPTS]
+
+
+def test_left_padded_batch_pads_on_the_left(tokenizer):
+    rows = encode(tokenizer)
+    batch = collate_left_padded(rows, tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    for r, row in enumerate(rows):
+        n_pad = width - len(row["input_ids"])
+        assert batch["input_ids"][r, :n_pad].eq(tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][r, :n_pad].eq(0).all() and batch["attention_mask"][r, n_pad:].eq(1).all()
+        assert batch["input_ids"][r, n_pad:].tolist() == row["input_ids"]
+    assert len({len(r["input_ids"]) for r in rows}) == len(rows)  # the test needs real padding
+
+
+def test_last_token_logits_match_unpadded(tiny_model, tokenizer):
+    rows = encode(tokenizer)
+    batch = collate_left_padded(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded_last = tiny_model(**batch).logits[:, -1]
+        for r, row in enumerate(rows):
+            alone = collate_left_padded([row], tokenizer.pad_token_id)
+            alone_last = tiny_model(**alone).logits[0, -1]
+            torch.testing.assert_close(padded_last[r], alone_last, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_of_padded_batch_equals_each_prompt_alone(tiny_model, tokenizer):
+    rows = encode(tokenizer)
+    batch = collate_left_padded(rows, tokenizer.pad_token_id)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        together = tiny_model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        width = batch["input_ids"].shape[1]
+        for r, row in enumerate(rows):
+            ids = torch.tensor([row["input_ids"]])
+            alone = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            assert together[r, width:].tolist() == alone[0, ids.shape[1]:].tolist()

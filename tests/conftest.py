@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from common.model import materialize_tiny_llama
+
+    return materialize_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from common.model import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from common.model import load_model
+
+    return load_model(tiny_dir, "none", torch.float32).eval()
+
+
+def run_script(script: Path, *args: str, timeout=600, env_extra=None) -> subprocess.CompletedProcess:
+    """Run a recipe's run.sh (or any script) as a user would; output captured for the assertion message."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    cmd = ["bash", str(script), *args] if script.suffix == ".sh" else [sys.executable, str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=script.parent)
+
+
+def load_recipe(folder: Path):
+    """Import a recipe's train.py under a unique module name (every recipe has a train.py)."""
+    import importlib.util
+
+    name = "recipe_" + "_".join(folder.relative_to(REPO).parts).replace("-", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, folder / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
