@@ -241,7 +241,8 @@ class DataStats:
     dropped_examples: int = 0  # with truncation="drop", or left with no trained token
 
     def summary(self) -> str:
-        return (f"{self.examples:,} examples, {self.tokens:,} tokens ({self.trained_tokens:,} trained), "
+        trained = f" ({self.trained_tokens:,} trained)" if self.trained_tokens else ""
+        return (f"{self.examples:,} examples, {self.tokens:,} tokens{trained}, "
                 f"{self.truncated_examples:,} truncated ({self.truncated_tokens:,} tokens cut), "
                 f"{self.dropped_examples:,} dropped")
 
@@ -334,3 +335,101 @@ def padding_efficiency(batches: list[list[int]], lengths: list[int]) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return real / max(computed, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification, regression and preference pairs.
+
+
+def read_label(record: Record, field: str, task: str):
+    """A class label (string or integer) for classification, a number for regression."""
+    if field not in record.data:
+        raise DataError(f"{record.where}: missing field '{field}'")
+    value = record.data[field]
+    if task == "regression":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{record.where}: field '{field}' must be a number for regression, got {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{record.where}: field '{field}' must be a string or integer class label, got {value!r}")
+    return value
+
+
+def label_set(records, field: str) -> list:
+    """The sorted class labels of the training records (integers numerically, strings alphabetically)."""
+    labels = {read_label(r, field, "classification") for r in records}
+    if len({type(x) for x in labels}) > 1:
+        raise DataError(f"{records[0].where.rsplit(':', 1)[0]}: field '{field}' mixes string and integer labels")
+    if len(labels) < 2:
+        raise DataError(f"{records[0].where.rsplit(':', 1)[0]}: field '{field}' has {len(labels)} distinct value(s); "
+                        "classification needs at least 2")
+    return sorted(labels)
+
+
+def encode_text(tokenizer, text: str, max_seq_len: int, append_eos: bool) -> tuple[list[int], int]:
+    """BOS + text (+ EOS, the token whose state a last-token classifier reads); cut at max_seq_len keeping the
+    start and the EOS. Returns ids and the number of tokens cut."""
+    ids = list(tokenizer(text).input_ids)
+    if append_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    cut = max(0, len(ids) - max_seq_len)
+    if cut:
+        ids = ids[: max_seq_len - 1] + ids[-1:] if append_eos else ids[:max_seq_len]
+    return ids, cut
+
+
+def build_cls_examples(records, tokenizer, max_seq_len: int, task: str, labels: list | None, text_field="text",
+                       label_field="label", append_eos=True, require_label=True) -> tuple[list[dict], DataStats]:
+    """Records to {input_ids, label}: label is a class index (classification, `labels` the class list) or a float
+    (regression). require_label=False (prediction) allows records without a label."""
+    index = {label: i for i, label in enumerate(labels or [])}
+    examples, stats = [], DataStats()
+    for record in records:
+        text = require_str(record, text_field)
+        example = {"text": text}
+        if require_label or label_field in record.data:
+            value = read_label(record, label_field, task)
+            if task == "classification" and value not in index:
+                raise DataError(f"{record.where}: field '{label_field}' is {value!r}, not one of the training labels "
+                                f"{labels}")
+            example["label"] = index[value] if task == "classification" else value
+        example["input_ids"], cut = encode_text(tokenizer, text, max_seq_len, append_eos)
+        stats.truncated_examples += cut > 0
+        stats.truncated_tokens += cut
+        stats.examples += 1
+        stats.tokens += len(example["input_ids"])
+        examples.append(example)
+    return examples, stats
+
+
+def render_prompt_response(tokenizer, prompt: str, response: str, prompt_template: str) -> str:
+    """A (prompt, response) pair as the text a reward model scores: the Alpaca prompt or the chat template."""
+    if prompt_template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_template 'chat' needs a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+        return text[len(tokenizer.bos_token):] if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else text
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt) + response
+
+
+def build_preference_examples(records, tokenizer, max_seq_len: int, prompt_template="alpaca",
+                              append_eos=True) -> tuple[list[dict], DataStats]:
+    """{prompt, chosen, rejected} records to {chosen_ids, rejected_ids}; identical pairs are refused."""
+    examples, stats = [], DataStats()
+    for record in records:
+        prompt = require_str(record, "prompt")
+        chosen, rejected = require_str(record, "chosen"), require_str(record, "rejected")
+        if chosen == rejected:
+            raise DataError(f"{record.where}: fields 'chosen' and 'rejected' are identical")
+        pair = {}
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            ids, cut = encode_text(tokenizer, render_prompt_response(tokenizer, prompt, response, prompt_template),
+                                   max_seq_len, append_eos)
+            pair[f"{side}_ids"] = ids
+            stats.truncated_tokens += cut
+            stats.tokens += len(ids)
+        stats.truncated_examples += len(pair["chosen_ids"]) == max_seq_len or len(pair["rejected_ids"]) == max_seq_len
+        stats.examples += 1
+        examples.append(pair)
+    return examples, stats

@@ -16,3 +16,34 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def count_trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def classification_loss_sum(logits, labels, loss="ce", label_smoothing=0.0, class_weights=None, focal_gamma=2.0):
+    """Summed per-example loss over the batch: cross-entropy (optionally label-smoothed and class-weighted) or focal
+    loss, -w_y (1 - p_y)^gamma log p_y, which down-weights examples the model already gets right."""
+    logits = logits.float()
+    if loss == "ce":
+        per_example = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    elif loss == "focal":
+        log_p = F.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        per_example = -((1 - log_p.exp()) ** focal_gamma) * log_p
+    else:
+        raise ValueError(f"classification loss must be 'ce' or 'focal', got {loss!r}")
+    if class_weights is not None:
+        per_example = per_example * class_weights.to(per_example.device)[labels]
+    return per_example.sum()
+
+
+def regression_loss_sum(predictions, targets, loss="mse", huber_delta=1.0):
+    """Summed squared error (mse) or Huber loss of one predicted number per example."""
+    predictions, targets = predictions.float().view(-1), targets.float().view(-1)
+    if loss == "mse":
+        return F.mse_loss(predictions, targets, reduction="sum")
+    if loss == "huber":
+        return F.huber_loss(predictions, targets, reduction="sum", delta=huber_delta)
+    raise ValueError(f"regression loss must be 'mse' or 'huber', got {loss!r}")
+
+
+def pairwise_loss_sum(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), summed over pairs."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).sum()

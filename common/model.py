@@ -178,3 +178,31 @@ def prepare_for_lora_training(model, quantized: bool, gradient_checkpointing: bo
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per row of a LEFT-padded batch: 'last' takes the final column (the last real token of every row,
+    whatever the pad id, so pad == EOS cannot move it), 'mean' averages the real tokens."""
+    if how == "last":
+        return hidden[:, -1]
+    if how == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'last' or 'mean', got {how!r}")
+
+
+class PooledClassifier(torch.nn.Module):
+    """A sequence classifier / reward model read at one vector per row: the backbone's last hidden states, pooled
+    with `pool_hidden`, through the model's `score` head. Wrapping the whole computation in one module keeps DDP
+    and DeepSpeed engines (which hook a module's forward) in charge of it."""
+
+    def __init__(self, model, pooling: str):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+        pool_hidden(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # reject a bad pooling name now, not mid-run
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # under peft
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state
+        return inner.score(pool_hidden(hidden, attention_mask, self.pooling))

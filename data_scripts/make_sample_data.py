@@ -5,6 +5,8 @@
 The SFT set is small, bilingual (English and Chinese) instruction data built from templates over hand-written facts,
 in the three formats the recipes read: alpaca {"instruction","input","output"}, chat {"messages"} and PandaLLM
 {"input","target"}. The synthetic set (reverse a short letter string) is a task a tiny model can learn on a CPU.
+The cls sets (three-way sentiment with string labels, a 1-5 rating for regression, and preference pairs) carry a
+keyword signal a tiny model can pick up in a short CPU run.
 """
 import argparse
 import json
@@ -137,6 +139,70 @@ def make_reverse_examples(rng, n, letters="abcdefghij", min_len=3, max_len=6):
     return out
 
 
+SENTIMENT = {  # label -> (english adjectives, chinese adjectives), with a 1-5 score for the regression set
+    "negative": (["terrible", "awful", "boring", "horrible", "disappointing"], ["很糟糕", "太无聊", "非常差", "令人失望"]),
+    "neutral": (["okay", "average", "ordinary", "acceptable", "so-so"], ["一般", "还行", "普通", "马马虎虎"]),
+    "positive": (["great", "wonderful", "excellent", "lovely", "fantastic"], ["很棒", "非常好", "精彩", "令人满意"]),
+}
+SCORED_ADJECTIVES = [("terrible", "很糟糕", 1.0), ("bad", "不好", 2.0), ("okay", "一般", 3.0), ("good", "好", 4.0),
+                     ("excellent", "非常好", 5.0)]
+ITEMS = [("movie", "电影"), ("food", "食物"), ("hotel", "酒店"), ("book", "书"), ("service", "服务"), ("phone", "手机"),
+         ("concert", "音乐会"), ("game", "游戏"), ("trip", "旅行"), ("class", "课程")]
+EN_REVIEW = ["The {item} was {adj}.", "I think the {item} is {adj}.", "Honestly, this {item} felt {adj}.",
+             "Our {item} yesterday was {adj}, to be fair.", "{Item}: {adj}."]
+ZH_REVIEW = ["这个{item}{adj}。", "我觉得{item}{adj}。", "昨天的{item}{adj}。"]
+
+
+def make_cls_examples(rng, n):
+    """Three-way sentiment with string labels; the adjective carries the signal."""
+    out = []
+    for _ in range(n):
+        label = rng.choice(list(SENTIMENT))
+        item_en, item_zh = rng.choice(ITEMS)
+        if rng.random() < 0.6:
+            adj = rng.choice(SENTIMENT[label][0])
+            text = rng.choice(EN_REVIEW).format(item=item_en, Item=item_en.capitalize(), adj=adj)
+        else:
+            text = rng.choice(ZH_REVIEW).format(item=item_zh, adj=rng.choice(SENTIMENT[label][1]))
+        out.append({"text": text, "label": label})
+    return out
+
+
+def make_regression_examples(rng, n):
+    """A 1-5 rating as a float target, set by the adjective (plus an intensifier that adds half a point)."""
+    out = []
+    for _ in range(n):
+        en, zh, score = rng.choice(SCORED_ADJECTIVES)
+        item_en, item_zh = rng.choice(ITEMS)
+        very = score >= 4 and rng.random() < 0.3
+        if rng.random() < 0.6:
+            text = rng.choice(EN_REVIEW).format(item=item_en, Item=item_en.capitalize(), adj=("very " if very else "") + en)
+        else:
+            text = rng.choice(ZH_REVIEW).format(item=item_zh, adj=("真的" if very else "") + zh)
+        out.append({"text": text, "label": min(5.0, score + (0.5 if very else 0.0))})
+    return out
+
+
+def make_preference_examples(rng, n):
+    """Pairs where the chosen answer is right and helpful and the rejected one is wrong, evasive or rude."""
+    out = []
+    for _ in range(n):
+        en_c, en_cap, zh_c, zh_cap = rng.choice(CAPITALS)
+        wrong = rng.choice([c for c in CAPITALS if c[1] != en_cap])
+        kind = rng.random()
+        if rng.random() < 0.6:
+            prompt = f"What is the capital of {en_c}?"
+            chosen = f"The capital of {en_c} is {en_cap}."
+            rejected = (f"The capital of {en_c} is {wrong[1]}." if kind < 0.4 else
+                        "I don't know." if kind < 0.7 else "Why would I tell you? Look it up yourself.")
+        else:
+            prompt = f"{zh_c}的首都是哪里？"
+            chosen = f"{zh_c}的首都是{zh_cap}。"
+            rejected = (f"{zh_c}的首都是{wrong[3]}。" if kind < 0.4 else "我不知道。" if kind < 0.7 else "自己去查吧，别问我。")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -160,6 +226,12 @@ def main():
     write_jsonl(out / "sft/panda.jsonl", make_panda_examples(rng, 60))
     write_jsonl(out / "synthetic/reverse_train.jsonl", make_reverse_examples(rng, 2000))
     write_jsonl(out / "synthetic/reverse_eval.jsonl", make_reverse_examples(rng, 100))
+    write_jsonl(out / "cls/train.jsonl", make_cls_examples(rng, 600))
+    write_jsonl(out / "cls/eval.jsonl", make_cls_examples(rng, 120))
+    write_jsonl(out / "cls/regression_train.jsonl", make_regression_examples(rng, 600))
+    write_jsonl(out / "cls/regression_eval.jsonl", make_regression_examples(rng, 120))
+    write_jsonl(out / "cls/preference_train.jsonl", make_preference_examples(rng, 400))
+    write_jsonl(out / "cls/preference_eval.jsonl", make_preference_examples(rng, 80))
 
 
 if __name__ == "__main__":
