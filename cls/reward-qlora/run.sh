@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# QLoRA pairwise reward model. With no arguments: the tiny random-init Llama on the bundled preference pairs, on CPU.
+# Real run on a GPU:   bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=pairs.jsonl --eval_data_path=eval_pairs.jsonl
+# N GPUs (DDP):        NGPU=8 bash run.sh ...
+# Several nodes:       NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NGPU=8 bash run.sh ...   (then NODE_RANK=1 on node1)
+# Any Config field can be set as --key=value; `bash run.sh --help` lists them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PYTHONPATH="$(cd ../.. && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29519}
+
+if [[ "$NGPU" -gt 1 || "$NNODES" -gt 1 ]]; then
+  exec torchrun --nproc_per_node="$NGPU" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
+fi
+exec python train.py "$@"

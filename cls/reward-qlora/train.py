@@ -1,0 +1,251 @@
+"""A pairwise reward model with QLoRA: a 4-bit NF4 Llama base (bitsandbytes), LoRA on every linear projection and a
+one-output score head, trained so the chosen response of each pair scores above the rejected one (Bradley-Terry
+loss, -log sigmoid(r_chosen - r_rejected)). The step after SFT on the way to RLHF: the reward for PPO, or a judge
+for best-of-n sampling.
+
+Default run, no GPU, no download (tiny random-init Llama, bundled preference pairs), about a minute:
+    cd cls/reward-qlora && bash run.sh
+One GPU, a real checkpoint:   bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=pairs.jsonl --eval_data_path=eval.jsonl
+N GPUs (DDP): NGPU=N bash run.sh ...      Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
+Data (.jsonl, .json, .jsonl.zst): {"prompt": "...", "chosen": "...", "rejected": "..."}.
+Each text is the prompt (Alpaca template, or the chat template with --prompt_template=chat) + the response + EOS, and
+the reward is read at that final EOS. Rows are left-padded, so the read position is the last column whatever the
+pad id: the classic failure where pad == EOS makes a right-padded model read the first pad, and chosen and rejected
+score alike, cannot happen here.
+Writes output_dir/: final/ (adapter + score head, tokenizer, reward_model.json), eval_results.json (pairwise
+accuracy), config.json, metrics.jsonl, loss.png, tensorboard/.
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from common.checkpoint import atomic_write_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from common.config import config_to_dict, exit_on_user_error, parse_config, save_config
+from common.data import build_preference_examples, collate_left_padded, plan_batches, read_records
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import pairwise_loss_sum
+from common.metrics import pairwise_metrics
+from common.model import (PooledClassifier, add_lora, count_parameters, load_model, load_tokenizer,
+                          prepare_for_lora_training, resolve_model_path)
+from common.optim import make_optimizer, warmup_cosine
+from common.runtime import all_reduce_sum, cleanup, setup_runtime, training_dtype
+
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
+
+
+@dataclass
+class Config:
+    # model
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder (often your SFT model)
+    quantization: Literal["nf4", "int8", "none"] = "nf4"  # base weights: 4-bit NormalFloat, 8-bit, or as stored
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    pooling: Literal["last", "mean"] = "last"  # read the reward at the final EOS, or average the tokens
+    lora_r: int = 16  # adapter rank
+    lora_alpha: int = 32  # adapter scale is alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
+    # data
+    data_path: str = str(SAMPLE_DATA / "preference_train.jsonl")  # {"prompt", "chosen", "rejected"} records
+    eval_data_path: str = str(SAMPLE_DATA / "preference_eval.jsonl")  # held-out pairs; '' for none
+    prompt_template: Literal["alpaca", "chat"] = "alpaca"  # how prompt and response are joined into one text
+    max_seq_len: int = 1024  # longer texts keep their start and the final EOS
+    group_by_length: bool = True  # batch pairs of similar length together
+    # optimization
+    epochs: float = 3.0  # passes over the training pairs (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 8  # pairs per micro-batch per GPU (2x rows go through the model)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (adapters and head); 1e-5..5e-5 is usual for a real base
+    weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
+    warmup_ratio: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping
+    optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"  # 8-bit ones need a GPU
+    seed: int = 42  # seeds LoRA and head init, dropout and data order
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 5  # steps between step-log lines
+    eval_every: int = 0  # steps between evals; 0: only before training and at the end
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def score_pairs(reward_model, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected side of each pair, in one left-padded forward of 2 x len(pairs) rows."""
+    rows = [{"input_ids": p["chosen_ids"]} for p in pairs] + [{"input_ids": p["rejected_ids"]} for p in pairs]
+    batch = {k: v.to(device) for k, v in collate_left_padded(rows, pad_id).items()}
+    rewards = reward_model(**batch).squeeze(-1).float()
+    return rewards[: len(pairs)], rewards[len(pairs):]
+
+
+def evaluate(reward_model, pairs, batch_size, pad_id, rt, autocast) -> dict:
+    """Eval loss, pairwise accuracy and mean margin over all pairs (each rank scores its share)."""
+    reward_model.eval()
+    chosen, rejected = torch.zeros(len(pairs), device=rt.device), torch.zeros(len(pairs), device=rt.device)
+    batches = plan_batches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs], batch_size, 0, 0, True)
+    with torch.no_grad(), autocast():
+        for idx in batches[rt.rank::rt.world_size]:
+            chosen[idx], rejected[idx] = score_pairs(reward_model, [pairs[i] for i in idx], pad_id, rt.device)
+    if rt.distributed:  # each pair was scored by exactly one rank; the others hold zeros there
+        torch.distributed.all_reduce(chosen)
+        torch.distributed.all_reduce(rejected)
+    reward_model.train()
+    return {"eval_loss": pairwise_loss_sum(chosen, rejected).item() / len(pairs),
+            **pairwise_metrics(chosen.tolist(), rejected.tolist())}
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup
+    quiet_third_party_logs()
+    rt = setup_runtime(cfg.seed)
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        save_config(cfg, out)
+    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+
+    # ---- tokenizer and data
+    model_dir = resolve_model_path(cfg.model_path)
+    tokenizer = load_tokenizer(model_dir)
+    build = lambda path: build_preference_examples(read_records(path), tokenizer, cfg.max_seq_len,  # noqa: E731
+                                                   cfg.prompt_template)
+    train_pairs, train_stats = build(cfg.data_path)
+    eval_pairs, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    lengths = [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs]
+    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
+                                      rt.rank, rt.world_size)
+    batches_per_epoch = len(plan(0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+
+    # ---- model: quantized base, LoRA adapters, a one-output score head
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_model(model_dir, cfg.quantization, dtype, {"": rt.device} if rt.device.type == "cuda" else None,
+                       model_class=AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    model = prepare_for_lora_training(model, cfg.quantization != "none", checkpointing)
+    model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="SEQ_CLS")
+    trainable, total = count_parameters(model)
+    reward_model = PooledClassifier(model, cfg.pooling)
+    train_model = reward_model
+    if rt.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            reward_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    # ---- optimizer and schedule
+    optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps)))
+    start_step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
+        start_step = load_trainer_state(ckpt, optimizer, scheduler)
+        log.info(f"resumed from {ckpt} at step {start_step}")
+
+    log.total_steps = total_steps
+    log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + LoRA r={cfg.lora_r} + 1-output score "
+             f"head | reward at the {cfg.pooling} token | trainable {trainable:,} / {total:,} params | {dtype}")
+    log.info(f"data     train {cfg.data_path}: {train_stats.summary().replace('examples', 'pairs', 1)}")
+    if eval_stats:
+        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary().replace('examples', 'pairs', 1)}")
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
+             f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {cfg.lr:g} | device {rt.describe()}")
+
+    def log_eval(step, metrics):
+        log.log(step, {"eval_loss": metrics["eval_loss"], "eval_pairwise_accuracy": metrics["pairwise_accuracy"],
+                       "eval_mean_margin": metrics["mean_margin"]}, echo=False)
+        log.info(f"step {step}/{total_steps} | eval_loss {metrics['eval_loss']:.4f} | pairwise accuracy "
+                 f"{metrics['pairwise_accuracy']:.4f} | mean margin {metrics['mean_margin']:.3f}")
+
+    # ---- training loop
+    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
+        epoch = 0
+        while True:
+            yield from plan(epoch)
+            epoch += 1
+
+    stream = micro_batches()
+    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
+        next(stream)
+    if eval_pairs and start_step == 0:
+        log_eval(0, evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+    reward_model.train()
+    train_seconds, tokens_seen, losses = 0.0, 0, []
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        chunk = [[train_pairs[i] for i in next(stream)] for _ in range(cfg.grad_accum)]
+        n_pairs, n_tokens = all_reduce_sum([sum(len(c) for c in chunk),
+                                            sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for c in chunk for p in c)], rt)
+        loss_sum, correct = 0.0, 0
+        for i, pairs in enumerate(chunk):
+            sync = i == len(chunk) - 1 or not rt.distributed
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+                chosen, rejected = score_pairs(train_model, pairs, tokenizer.pad_token_id, rt.device)
+                micro_loss = pairwise_loss_sum(chosen, rejected)
+            # mean over the pairs of the whole step on all ranks (DDP averages gradients, hence * world_size)
+            (micro_loss * rt.world_size / n_pairs).backward()
+            loss_sum += micro_loss.item()
+            correct += int((chosen > rejected).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct = all_reduce_sum([loss_sum, correct], rt)
+        loss = loss_sum / n_pairs
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += int(n_tokens)
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device),
+                           "pairwise_accuracy": correct / n_pairs})
+        if eval_pairs and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
+            log_eval(step, evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and rt.is_main:
+            path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
+            log.info(f"saved checkpoint {path}")
+
+    # ---- save and final eval
+    final_dir = out / "final"
+    info = {"pooling": cfg.pooling, "append_eos": True, "prompt_template": cfg.prompt_template, "num_labels": 1}
+    if rt.is_main:
+        def write_final(d):
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            (d / "reward_model.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_dir(final_dir, write_final)
+    results = None
+    if eval_pairs:
+        results = evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        log_eval(total_steps, results)
+        if rt.is_main:
+            (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results,
+                                                               "baseline_pairwise_accuracy": 0.5}, indent=2) + "\n")
+    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"reward model (adapter + score head), tokenizer and reward_model.json in {final_dir}")
+    log.close()
+    cleanup(rt)
+    return {"model": model, "reward_model": reward_model, "tokenizer": tokenizer, "losses": losses, "eval": results,
+            "final_dir": final_dir, "train_seconds": train_seconds, "tokens": tokens_seen,
+            "steps": total_steps - start_step}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))
