@@ -29,6 +29,10 @@ def quiet_third_party_logs():
 
     for name in ("DeepSpeed", "torch.distributed", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # torchao (installed with gptqmodel, imported by transformers' quantizers) reports its GPU-only kernels failing
+    # to load on CPU and torch warns about its enum registrations: noise on every start, nothing to act on
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def peak_memory_gb(device: torch.device) -> float:
