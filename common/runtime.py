@@ -25,7 +25,9 @@ class Runtime:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        launcher = f"torchrun, {self.world_size} processes" if self.distributed else "single process"
+        # the deepspeed launcher sets CROSS_RANK; torchrun does not
+        launcher = "deepspeed launcher" if "CROSS_RANK" in os.environ else "torchrun"
+        launcher = f"{launcher}, {self.world_size} processes" if self.distributed else "single process"
         return f"{self.device} ({name}), {launcher}"
 
 

@@ -31,11 +31,12 @@ def tiny_model(tiny_dir):
     return load_model(tiny_dir, "none", torch.float32).eval()
 
 
-def run_script(script: Path, *args: str, timeout=600, env_extra=None) -> subprocess.CompletedProcess:
-    """Run a recipe's run.sh (or any script) as a user would; output captured for the assertion message."""
+def run_script(script: Path, *args: str, timeout=600, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run a recipe's run.sh (or any script) as a user would, from `cwd` (default: the script's folder); output
+    captured for the assertion message."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = ["bash", str(script), *args] if script.suffix == ".sh" else [sys.executable, str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=script.parent)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or script.parent)
 
 
 def load_recipe(folder: Path):

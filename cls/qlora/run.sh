@@ -5,8 +5,9 @@
 # Several nodes:       NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NGPU=8 bash run.sh ...   (then NODE_RANK=1 on node1)
 # Any Config field can be set as --key=value; `bash run.sh --help` lists them.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
-export PYTHONPATH="$(cd ../.. && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+# relative paths in the arguments stay relative to where you are: no cd
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$(cd "$HERE/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
@@ -16,6 +17,6 @@ MASTER_PORT=${MASTER_PORT:-29518}
 
 if [[ "$NGPU" -gt 1 || "$NNODES" -gt 1 ]]; then
   exec torchrun --nproc_per_node="$NGPU" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$HERE/train.py" "$@"
 fi
-exec python train.py "$@"
+exec python "$HERE/train.py" "$@"

@@ -1,0 +1,315 @@
+"""LoRA sequence classification and regression on a GPTQ int4 base (gptqmodel): a frozen 4-bit GPTQ checkpoint,
+LoRA on every quantized projection and a fully trained score head, reading one vector per text (the last token of a
+left-padded row, or the mean of its tokens).
+
+Default run, no GPU, no download (the tiny random-init Llama quantized to GPTQ int4 once and cached, bundled 3-way
+sentiment data), about a minute on 2 CPU cores:
+    cd cls/peft-int4 && bash run.sh
+Regression (one float target):      bash run.sh --task=regression --data_path=../../data/cls/regression_train.jsonl \
+                                        --eval_data_path=../../data/cls/regression_eval.jsonl
+A real checkpoint is quantized once (python data_scripts/quantize_gptq.py, or use a published GPTQ one), then:
+                                    bash run.sh --model_path=/models/Llama-2-7b-gptq-int4 --data_path=train.jsonl \
+                                        --eval_data_path=eval.jsonl
+N GPUs (DDP): NGPU=N bash run.sh ...      Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
+Data (.jsonl, .json, .jsonl.zst): {"text": "...", "label": "positive"} (string or integer class) or a number for
+regression. Writes output_dir/: final/ (adapter with the score head, tokenizer, labels.json), eval_results.json,
+predictions.jsonl (with --predict_data_path), config.json, metrics.jsonl, loss.png, tensorboard/.
+The kernel must be a trainable one (--gptq_backend=auto_trainable or torch); the default GPTQ kernels are inference-only.
+A 7B base in GPTQ int4 (group 128) takes about 4 GB of GPU memory; classification texts are short, so one 8-12 GB card fits.
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from common.checkpoint import atomic_write_dir, latest_checkpoint, load_trainer_state, save_checkpoint
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import classification_loss_sum, regression_loss_sum
+from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
+from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
+                            regression_metrics)
+from common.model import PooledClassifier, add_lora, load_tokenizer, prepare_for_lora_training
+from common.optim import make_optimizer, warmup_cosine
+from common.runtime import all_reduce_sum, cleanup, setup_runtime, training_dtype
+
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
+
+
+@dataclass
+class Config:
+    # task
+    task: Literal["classification", "regression"] = "classification"  # regression: one float target
+    pooling: Literal["last", "mean"] = "last"  # the last token (EOS) of each text, or the mean of its tokens
+    loss: Literal["auto", "ce", "focal", "mse", "huber"] = "auto"  # auto: ce for classification, mse for regression
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_weights: str = "none"  # none, balanced (inverse frequency) or one weight per class: 1.0,2.5,1.0
+    focal_gamma: float = 2.0  # focal loss focusing strength
+    # model
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama, quantized to GPTQ int4) or a local GPTQ checkpoint folder
+    gptq_backend: Literal["auto_trainable", "torch"] = "auto_trainable"  # gptqmodel kernel that can train; torch: slower
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    lora_r: int = 16  # adapter rank
+    lora_alpha: int = 32  # adapter scale is alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all quantized ones, or q_proj,v_proj
+    # data
+    data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records {"text", "label"}
+    eval_data_path: str = str(SAMPLE_DATA / "eval.jsonl")  # held-out records; '' for none
+    predict_data_path: str = ""  # records to label after training (label optional) -> predictions.jsonl
+    text_field: str = "text"  # record field holding the text
+    label_field: str = "label"  # record field holding the class or the number
+    max_seq_len: int = 512  # longer texts keep their start and the final EOS
+    append_eos: bool = True  # end every text with EOS: the token a last-token classifier reads
+    group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    # optimization
+    epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 16  # examples per micro-batch per GPU
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (adapters and head)
+    weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
+    warmup_ratio: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping
+    optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"  # 8-bit ones need a GPU
+    seed: int = 42  # seeds LoRA and head init, dropout and data order
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 5  # steps between step-log lines
+    eval_every: int = 0  # steps between evals; 0: only before training and at the end
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def predict(classifier, examples, width, batch_size, pad_id, rt, autocast) -> torch.Tensor:
+    """Scores (`width` logits, or one number for regression) of every example in order, gathered from all ranks."""
+    classifier.eval()
+    scores = torch.zeros(len(examples), width, device=rt.device)
+    batches = plan_batches([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)
+    with torch.no_grad(), autocast():
+        for idx in batches[rt.rank::rt.world_size]:
+            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            scores[idx] = classifier(**batch).float()
+    if rt.distributed:  # each example was scored by exactly one rank; the others hold zeros there
+        torch.distributed.all_reduce(scores)
+    classifier.train()
+    return scores.cpu()
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup
+    quiet_third_party_logs()
+    rt = setup_runtime(cfg.seed)
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        save_config(cfg, out)
+    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    regression = cfg.task == "regression"
+    loss_name = cfg.loss if cfg.loss != "auto" else ("mse" if regression else "ce")
+    if (loss_name in ("mse", "huber")) != regression:
+        raise ConfigError(f"--loss={loss_name} does not fit --task={cfg.task}")
+
+    # ---- tokenizer and data
+    model_dir = resolve_gptq_model_path(cfg.model_path)  # a folder that is not GPTQ: an error with the command to quantize it
+    tokenizer = load_tokenizer(model_dir)
+    train_records = read_records(cfg.data_path)
+    labels = None if regression else label_set(train_records, cfg.label_field)
+    build = lambda records, require_label=True: build_cls_examples(  # noqa: E731
+        records, tokenizer, cfg.max_seq_len, cfg.task, labels, cfg.text_field, cfg.label_field, cfg.append_eos,
+        require_label)
+    train_examples, train_stats = build(train_records)
+    eval_examples, eval_stats = build(read_records(cfg.eval_data_path)) if cfg.eval_data_path else ([], None)
+    predict_records = read_records(cfg.predict_data_path) if cfg.predict_data_path else []
+    train_targets = [e["label"] for e in train_examples]
+    class_weights = None
+    if not regression and cfg.class_weights != "none":
+        weights = (balanced_class_weights(train_targets, len(labels)) if cfg.class_weights == "balanced"
+                   else [float(w) for w in cfg.class_weights.split(",")])
+        if len(weights) != len(labels):
+            raise ConfigError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
+        class_weights = torch.tensor(weights)
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
+                                      rt.rank, rt.world_size)
+    batches_per_epoch = len(plan(0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+
+    # ---- model: GPTQ int4 base with a kernel that backpropagates, LoRA adapters, a fully trained score head (a
+    # new full-precision Linear: GPTQ quantized only the decoder blocks)
+    from transformers import AutoModelForSequenceClassification
+
+    label_names = [str(x) for x in labels] if labels else ["score"]
+    model = load_gptq_model(model_dir, AutoModelForSequenceClassification, dtype,
+                            {"": rt.device} if rt.device.type == "cuda" else None, cfg.gptq_backend,
+                            num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                            label2id={n: i for i, n in enumerate(label_names)})
+    model.config.pad_token_id = tokenizer.pad_token_id
+    quant = model.config.quantization_config
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    model = prepare_for_lora_training(model, True, checkpointing)
+    # peft's 'all-linear' only looks for torch.nn.Linear; on a GPTQ base it means every quantized projection
+    targets = gptq_linear_names(model) if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+    model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type="SEQ_CLS")  # + score head
+    trainable, total = count_gptq_parameters(model)
+    classifier = PooledClassifier(model, cfg.pooling)
+    train_classifier = classifier
+    if rt.distributed:
+        # the int4 weights are frozen buffers, identical on every rank: no need to broadcast them every step
+        train_classifier = torch.nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+
+    # ---- optimizer and schedule
+    optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    start_step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
+        start_step = load_trainer_state(ckpt, optimizer, scheduler)
+        log.info(f"resumed from {ckpt} at step {start_step}")
+
+    log.total_steps = total_steps
+    log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base + LoRA "
+             f"r={cfg.lora_r} on {','.join(targets)} + score head | "
+             f"{cfg.pooling}-token pooling | trainable {trainable:,} / {total:,} params | {dtype}")
+    log.info(f"task     {cfg.task}, loss {loss_name}" + (f", {len(labels)} classes {labels}" if labels else "") +
+             (f", class weights {[round(w, 3) for w in class_weights.tolist()]}" if class_weights is not None else ""))
+    log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
+    if eval_stats:
+        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
+             f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {cfg.lr:g} | device {rt.describe()}")
+
+    def step_loss_sum(scores, targets):
+        if regression:
+            return regression_loss_sum(scores.squeeze(-1), targets, loss_name)
+        return classification_loss_sum(scores, targets, loss_name, cfg.label_smoothing, class_weights, cfg.focal_gamma)
+
+    def evaluate() -> dict:
+        scores = predict(train_classifier, eval_examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        targets = [e["label"] for e in eval_examples]
+        target_tensor = torch.tensor(targets, dtype=torch.float if regression else torch.long)
+        metrics = {"eval_loss": step_loss_sum(scores, target_tensor).item() / len(targets)}
+        if regression:
+            metrics.update(regression_metrics(targets, scores[:, 0].tolist()))
+            metrics["baseline_mean"] = mean_baseline(train_targets, targets)
+        else:
+            metrics.update(classification_metrics(targets, scores.argmax(-1).tolist(), label_names))
+            metrics["baseline_majority"] = majority_baseline(train_targets, targets, len(labels))
+        return metrics
+
+    def log_eval(step, metrics):
+        keys = ("mse", "mae", "pearson", "spearman") if regression else ("accuracy", "macro_f1")
+        log.log(step, {"eval_loss": metrics["eval_loss"], **{f"eval_{k}": metrics[k] for k in keys}}, echo=False)
+        log.info(f"step {step}/{total_steps} | eval_loss {metrics['eval_loss']:.4f} | " +
+                 " | ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+
+    # ---- training loop
+    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
+        epoch = 0
+        while True:
+            yield from plan(epoch)
+            epoch += 1
+
+    stream = micro_batches()
+    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
+        next(stream)
+    if eval_examples and start_step == 0:
+        log_eval(0, evaluate())
+    classifier.train()
+    train_seconds, tokens_seen, losses = 0.0, 0, []
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        chunk = [[train_examples[i] for i in next(stream)] for _ in range(cfg.grad_accum)]
+        n_examples, n_tokens = all_reduce_sum([sum(len(c) for c in chunk),
+                                               sum(len(e["input_ids"]) for c in chunk for e in c)], rt)
+        loss_sum = 0.0
+        for i, examples in enumerate(chunk):
+            batch = {k: v.to(rt.device) for k, v in collate_left_padded(examples, tokenizer.pad_token_id).items()}
+            targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long,
+                                   device=rt.device)
+            sync = i == len(chunk) - 1 or not rt.distributed
+            with (contextlib.nullcontext() if sync else train_classifier.no_sync()), autocast():
+                micro_loss = step_loss_sum(train_classifier(**batch), targets)
+            # mean over the examples of the whole step on all ranks (DDP averages gradients, hence * world_size)
+            (micro_loss * rt.world_size / n_examples).backward()
+            loss_sum += micro_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / n_examples
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += int(n_tokens)
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
+        if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
+            log_eval(step, evaluate())
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and rt.is_main:
+            path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
+            log.info(f"saved checkpoint {path}")
+
+    # ---- save, final eval, predictions
+    final_dir = out / "final"
+    label_info = {"task": cfg.task, "labels": label_names, "pooling": cfg.pooling, "append_eos": cfg.append_eos,
+                  "text_field": cfg.text_field}
+    if rt.is_main:
+        def write_final(d):
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            (d / "labels.json").write_text(json.dumps(label_info, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_dir(final_dir, write_final)
+    results = None
+    if eval_examples:
+        results = evaluate()
+        log_eval(total_steps, results)
+        if rt.is_main:
+            (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results}, indent=2) + "\n")
+            key = "mse" if regression else "accuracy"
+            base = results["baseline_mean" if regression else "baseline_majority"][key]
+            log.info(f"eval     {key} {results[key]:.4f} vs baseline ({'mean' if regression else 'majority class'}) "
+                     f"{base:.4f}; full report in {out / 'eval_results.json'}")
+    if predict_records:
+        examples, _ = build(predict_records, require_label=False)
+        scores = predict(train_classifier, examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        if rt.is_main:
+            with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for e, s in zip(examples, scores):
+                    row = ({"prediction": s[0].item()} if regression else
+                           {"prediction": labels[int(s.argmax())],
+                            "probabilities": dict(zip(label_names, torch.softmax(s, -1).tolist()))})
+                    f.write(json.dumps({cfg.text_field: e["text"], **row}, ensure_ascii=False) + "\n")
+            log.info(f"predictions for {len(examples)} records in {out / 'predictions.jsonl'}")
+    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"adapter + score head, tokenizer and labels.json in {final_dir}")
+    log.close()
+    cleanup(rt)
+    return {"model": model, "classifier": classifier, "tokenizer": tokenizer, "losses": losses, "eval": results,
+            "labels": labels, "final_dir": final_dir, "train_seconds": train_seconds, "tokens": tokens_seen,
+            "steps": total_steps - start_step}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))

@@ -1,0 +1,285 @@
+"""Full-parameter supervised fine-tuning of a Llama-family model under DeepSpeed ZeRO: every weight trains, the
+fp32 master weights and Adam states live in CPU RAM and are stepped there (DeepSpeedCPUAdam), so one GPU holds only
+the bf16 weights, gradients and activations. ZeRO-3 (optionally with the weights offloaded too) for large models.
+
+Default run, no GPU, no download (tiny random-init Llama, bundled English/Chinese sample data), about a minute:
+    cd sft/full-ft-deepspeed-offload && bash run.sh
+One GPU, a real checkpoint (ZeRO-2, optimizer on CPU, bf16, activation checkpointing):
+    bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=train.jsonl --eval_data_path=eval.jsonl
+N GPUs: NGPU=N bash run.sh ...   Several nodes: HOSTFILE=hostfile bash run.sh ...   Large models: --zero_stage=3
+Data (.jsonl, .json, .jsonl.zst): alpaca {"instruction","input","output"}, {"input","target"} or chat {"messages"}.
+Writes output_dir/: final/ (config.json + model.safetensors + tokenizer), config.json, metrics.jsonl, loss.png,
+tensorboard/, checkpoints/ (DeepSpeed's, with zero_to_fp32.py). The first run JIT-compiles DeepSpeedCPUAdam
+with gcc (60-90 s, cached in TORCH_EXTENSIONS_DIR). Host RAM for the offloaded optimizer: 12-16 bytes/parameter.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from common.checkpoint import atomic_write_dir, latest_checkpoint
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
+from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
+                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint,
+                                    set_single_process_env, weight_decay_groups)
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import count_trained_tokens, token_loss_sum
+from common.model import load_model, load_tokenizer, resolve_model_path
+from common.optim import warmup_cosine
+from common.runtime import all_reduce_sum, cleanup, setup_runtime, training_dtype
+
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
+
+
+@dataclass
+class Config:
+    # model
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    # DeepSpeed ZeRO
+    zero_stage: Literal[2, 3] = 2  # 2: gradients and optimizer states partitioned; 3: the weights too (large models)
+    offload_optimizer: bool = True  # fp32 master weights + Adam states in CPU RAM, stepped by DeepSpeedCPUAdam
+    offload_params: bool = False  # stage 3 only: the weights wait in CPU RAM too and are fetched layer by layer
+    ds_config: str = str(Path(__file__).resolve().with_name("ds_config.json"))  # DeepSpeed's own knobs (buckets...)
+    # data
+    data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records
+    eval_data_path: str = str(SAMPLE_DATA / "eval.jsonl")  # held-out records; '' for none
+    prompt_template: Literal["alpaca", "chat"] = "alpaca"  # chat: the tokenizer's chat template for every record
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+    max_seq_len: int = 1024  # longer examples lose prompt tokens from the left first, then answer tokens
+    truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
+    group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    # optimization
+    epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 4  # examples per micro-batch per GPU
+    grad_accum: int = 4  # micro-batches per optimizer step
+    # Adam moves every weight by about lr per step whatever its gradient scale, so the real-model rate also moves the
+    # random-init tiny model: the default CPU run's eval loss falls by about 1.5 nats (README, measured)
+    lr: float = 2e-5  # peak lr; full fine-tuning of 7B-13B takes 1e-5 to 2e-5 (LoRA rates like 2e-4 diverge)
+    weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW beta1,beta2
+    warmup_ratio: float = 0.03  # fraction of steps with linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping (done by DeepSpeed on the whole, partitioned gradient)
+    seed: int = 42  # seeds data order and dropout
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 1  # steps between step-log lines
+    eval_every: int = 0  # steps between evals; 0: only before training and at the end
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def evaluate(engine, batches, examples, pad_id, rt) -> float:
+    """Mean loss per trained token over the eval batches of all ranks; batches: [(example indices, counted)]."""
+    engine.eval()
+    loss_sum, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for idx, counted in batches:
+            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            labels = batch.pop("labels")
+            loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels).item()
+            if counted:
+                loss_sum, n_tokens = loss_sum + loss, n_tokens + count_trained_tokens(labels)
+    engine.train()
+    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+    return loss_sum / max(n_tokens, 1)
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup: one process group even for one process (DeepSpeed needs it), then seed, device, threads
+    import deepspeed
+
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise UserError("--offload_params needs --zero_stage=3 (ZeRO-2 keeps the full weights on every GPU)")
+    if len(cfg.adam_betas) != 2:
+        raise UserError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+    quiet_third_party_logs()
+    quiet_deepspeed_warnings()
+    set_single_process_env()
+    rt = setup_runtime(cfg.seed)
+    deepspeed.init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        save_config(cfg, out)
+    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)  # bf16 on a GPU, fp32 on CPU
+
+    # ---- tokenizer and data
+    model_dir = resolve_model_path(cfg.model_path)
+    tokenizer = load_tokenizer(model_dir)
+    build = lambda path: build_sft_examples(read_records(path), tokenizer, cfg.max_seq_len, cfg.prompt_template,  # noqa: E731
+                                            cfg.train_on_prompt, cfg.truncation)
+    train_examples, train_stats = build(cfg.data_path)
+    eval_examples, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
+                                      rt.rank, rt.world_size)
+    batches_per_epoch = len(plan(0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    eval_lengths = [len(e["input_ids"]) for e in eval_examples]  # every eval example once, split over ranks
+    all_eval_batches = plan_batches(eval_lengths, cfg.batch_size, 0, 0, True) if eval_examples else []
+    # under ZeRO-3 every forward gathers weights from all ranks, so all ranks run as many forwards: a rank short of
+    # a batch runs the first one again without counting it
+    eval_batches = [(idx, True) for idx in all_eval_batches[rt.rank::rt.world_size]]
+    eval_rounds = math.ceil(len(all_eval_batches) / rt.world_size)
+    if all_eval_batches:
+        eval_batches += [(all_eval_batches[0], False)] * (eval_rounds - len(eval_batches))
+
+    # ---- DeepSpeed config: ds_config.json holds DeepSpeed's own knobs; every value below comes from Config and
+    # wins (a JSON value that disagrees is an error, "auto" is filled in)
+    owned = {
+        "train_micro_batch_size_per_gpu": (cfg.batch_size, "--batch_size"),
+        "gradient_accumulation_steps": (cfg.grad_accum, "--grad_accum"),
+        "train_batch_size": (cfg.batch_size * cfg.grad_accum * rt.world_size, "--batch_size x --grad_accum x ranks"),
+        "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
+        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 on GPUs that have it)"),
+        "fp16.enabled": (False, "the device (bf16 or fp32, never fp16 loss scaling)"),
+        "zero_optimization.stage": (cfg.zero_stage, "--zero_stage"),
+        "zero_optimization.offload_optimizer.device": ("cpu" if cfg.offload_optimizer else "none",
+                                                       "--offload_optimizer"),
+        "zero_optimization.offload_param.device": ("cpu" if cfg.offload_params else "none", "--offload_params"),
+        "optimizer": (None, "--lr, --adam_betas, --weight_decay"),
+        "scheduler": (None, "--warmup_ratio (warmup then cosine, a LambdaLR)"),
+    }
+    ds_config = fill_ds_config(read_ds_config(cfg.ds_config), owned, cfg.ds_config)
+
+    # ---- model: all weights train. Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model inside
+    # deepspeed.zero.Init, so each rank only ever holds its partition (a 65B never sits whole in one process);
+    # the object must stay alive while transformers uses it, hence the variable.
+    hf_zero3 = None
+    if cfg.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = load_model(model_dir, "none", dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: the unpartitioned size
+
+    # ---- optimizer and schedule, given to DeepSpeed ready-made. Offloaded, the step runs on CPU in DeepSpeedCPUAdam
+    # (DeepSpeed refuses another optimizer there); on the GPU, torch's fused AdamW.
+    groups = weight_decay_groups(model, cfg.weight_decay)
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=rt.device.type == "cuda")
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    start_step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        else:
+            start_step = load_deepspeed_checkpoint(engine, ckpt)  # weights, optimizer, scheduler, RNG
+            log.info(f"resumed from {ckpt} at step {start_step}")
+
+    log.total_steps = total_steps
+    offloaded = {(True, True): "optimizer and weights", (True, False): "optimizer", (False, True): "weights",
+                 (False, False): "nothing"}[(cfg.offload_optimizer, cfg.offload_params)]
+    log.info(f"model    {cfg.model_path} ({model_dir}) | full fine-tune, {n_params:,} params, all trainable | {dtype}, "
+             f"activation checkpointing {'on' if checkpointing else 'off'}")
+    log.info(f"zero     stage {cfg.zero_stage}, {offloaded} offloaded to CPU | {type(optimizer).__name__} | "
+             f"config {cfg.ds_config}")
+    log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
+    if eval_stats:
+        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
+    log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+             f"{rt.world_size} ranks = {cfg.batch_size * cfg.grad_accum * rt.world_size} examples/step | "
+             f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), lr {cfg.lr:g} "
+             f"warmup {warmup_steps} | device {rt.describe()}")
+
+    # ---- training loop
+    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
+        epoch = 0
+        while True:
+            yield from plan(epoch)
+            epoch += 1
+
+    stream = micro_batches()
+    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
+        next(stream)
+    eval_now = lambda: evaluate(engine, eval_batches, eval_examples, tokenizer.pad_token_id, rt)  # noqa: E731
+    if eval_examples and start_step == 0:
+        log.log(0, {"eval_loss": eval_now()})
+    engine.train()
+    train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        chunk = [collate_left_padded([train_examples[i] for i in next(stream)], tokenizer.pad_token_id)
+                 for _ in range(cfg.grad_accum)]
+        # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
+        n_trained, n_tokens, n_computed = all_reduce_sum([sum(count_trained_tokens(b["labels"]) for b in chunk),
+                                                          sum(int(b["attention_mask"].sum()) for b in chunk),
+                                                          sum(b["input_ids"].numel() for b in chunk)], rt)
+        loss_sum = 0.0
+        for batch in chunk:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
+            # The loss is already a share of the step's mean, so undo both of DeepSpeed's own divisions:
+            # scale_wrt_gas=False stops backward() dividing by grad_accum, and the gradient reduction averages over
+            # ranks, so multiplying by world_size makes it the sum over all ranks' tokens.
+            engine.backward(micro_loss * rt.world_size / max(n_trained, 1), scale_wrt_gas=False)
+            engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
+            loss_sum += micro_loss.item()
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / max(n_trained, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += int(n_tokens)
+        tokens_computed += int(n_computed)
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == total_steps:
+            grad_norm = engine.get_global_grad_norm()  # of the whole step's gradient, before clipping
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
+        if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
+            log.log(step, {"eval_loss": eval_now()})
+        if cfg.save_every > 0 and step % cfg.save_every == 0:  # every rank saves its partition
+            path = save_deepspeed_checkpoint(engine, out, step, cfg.keep_last)
+            log.info(f"saved checkpoint {path}")
+
+    # ---- save: one Hugging Face checkpoint, gathered from the partitions (every rank takes part), then final eval
+    final_dir = out / "final"
+    state_dict = gather_full_state_dict(engine)
+    if rt.is_main:
+        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=state_dict),
+                                               tokenizer.save_pretrained(d)))
+    del state_dict
+    eval_loss = None
+    if eval_examples:
+        eval_loss = eval_now()
+        log.log(total_steps, {"eval_loss": eval_loss})
+    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"model and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
+    log.info(f"use it: AutoModelForCausalLM.from_pretrained('{final_dir}')")
+    log.close()
+    cleanup(rt)
+    # model: the trained Hugging Face model (under ZeRO-3 its weights stay partitioned; final_dir has them whole)
+    return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
+            "train_seconds": train_seconds, "tokens": tokens_seen, "tokens_computed": tokens_computed,
+            "steps": total_steps - start_step}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))
