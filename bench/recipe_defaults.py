@@ -33,7 +33,10 @@ def result_summary(out: Path, rows: list[dict]) -> str:
         if "pairwise_accuracy" in r:
             return f"pairwise accuracy {r['pairwise_accuracy']:.2f} (chance 0.50)"
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
-    return f"eval loss {evals[0]:.2f} -> {evals[-1]:.2f}" if len(evals) > 1 else "-"
+    if len(evals) > 1:
+        return f"eval loss {evals[0]:.2f} -> {evals[-1]:.2f}"
+    train = [row["loss"] for row in rows if "loss" in row]  # no eval set on the default: the training loss
+    return f"train loss {train[0]:.2f} -> {train[-1]:.2f}" if train else "-"
 
 
 def run(recipe: str) -> dict:

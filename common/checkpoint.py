@@ -79,3 +79,43 @@ def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"]
+
+
+def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards, extra: dict | None = None) -> Path:
+    """A checkpoint that every rank writes a part of (DeepSpeed ZeRO, FSDP), made atomic: all ranks write into
+    checkpoints/.step_N.tmp (write_shards(tmp)), then rank 0 adds trainer_state.pt (step, every rank's RNG state,
+    `extra`) and renames the folder into place, so a crash mid-save leaves the previous checkpoints as they were.
+    The folder must be on a file system all ranks share. Every rank must call it; returns the folder."""
+    import torch.distributed as dist
+
+    root = Path(output_dir) / "checkpoints"
+    target, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    write_shards(tmp)
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+    if rank == 0:
+        torch.save({"step": step, "world_size": len(rngs), "rng": rngs, **(extra or {})}, tmp / STATE_FILE)
+        old = root / f".step_{step:08d}.old"
+        if target.exists():  # a rerun into the same output_dir
+            os.rename(target, old)
+        os.rename(tmp, target)  # the one moment the checkpoint appears, complete
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def load_sharded_trainer_state(folder: Path) -> dict:
+    """trainer_state.pt of a sharded checkpoint, with this rank's RNG state restored (when the world size matches)."""
+    import torch.distributed as dist
+
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    if state["world_size"] == dist.get_world_size():
+        set_rng_state(state["rng"][dist.get_rank()])
+    return state

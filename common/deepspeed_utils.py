@@ -1,6 +1,7 @@
-"""What every DeepSpeed recipe needs around its engine: a process group for a lone `python train.py`, the
-DeepSpeed config with the values the recipe's Config owns written in, weight-decay groups that survive ZeRO-3,
-checkpoints that are never half-written, and the whole model gathered for a Hugging Face save.
+"""What every DeepSpeed recipe needs around its engine: the DeepSpeed config with the values the recipe's Config owns
+written in, checkpoints that are never half-written (common/checkpoint.py:save_sharded_checkpoint), and the whole
+model gathered for a Hugging Face save. (The process group of a lone `python train.py` is
+common/runtime.py:set_single_process_env; weight-decay groups that survive ZeRO-3 are in common/optim.py.)
 
 Checkpoint layout (the same names as common/checkpoint.py, so `latest_checkpoint` finds them):
     output_dir/checkpoints/step_00000040/
@@ -12,40 +13,13 @@ folder must therefore be on a file system all ranks share (DeepSpeed assumes the
 """
 import copy
 import json
-import os
-import shutil
-import socket
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from common.checkpoint import STATE_FILE, list_checkpoints, rng_state, set_rng_state
+from common.checkpoint import load_sharded_trainer_state, save_sharded_checkpoint
 from common.config import UserError
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def set_single_process_env():
-    """DeepSpeed always wants a process group, and reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
-
-    A launcher (deepspeed, torchrun) sets them; for a plain `python train.py` give them one-process defaults. The
-    port of a one-process group is private to it, so it is always a fresh free one: an inherited MASTER_PORT (say,
-    from a parent process that itself trained in-process) may still be held by that parent.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-    elif "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name for it; setup_runtime splits cores by it
-        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
 def quiet_deepspeed_warnings():
@@ -93,43 +67,10 @@ def fill_ds_config(config: dict, owned: dict, source: str) -> dict:
     return config
 
 
-def weight_decay_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: decay on matrices, none on norms and biases.
-
-    Under ZeRO-3 a parameter's own shape is empty (its data is a partition); `ds_shape` is the real one, so use it,
-    or every weight would look like a vector and escape decay.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            ndim = len(getattr(p, "ds_shape", p.shape))
-            (no_decay if ndim < 2 or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def save_deepspeed_checkpoint(engine, output_dir, step: int, keep_last: int) -> Path:
     """engine.save_checkpoint into checkpoints/step_N atomically; every rank must call it. Returns the folder."""
-    root = Path(output_dir) / "checkpoints"
-    target, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=f"global_step{step}")  # writes tmp/latest naming the tag
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state())
-    if rank == 0:
-        torch.save({"step": step, "world_size": len(rngs), "rng": rngs}, tmp / STATE_FILE)
-        old = root / f".step_{step:08d}.old"
-        if target.exists():  # a rerun into the same output_dir
-            os.rename(target, old)
-        os.rename(tmp, target)  # the one moment the checkpoint appears, complete
-        shutil.rmtree(old, ignore_errors=True)
-        for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
-    return target
+    return save_sharded_checkpoint(output_dir, step, keep_last,
+                                   lambda tmp: engine.save_checkpoint(str(tmp), tag=f"global_step{step}"))
 
 
 def load_deepspeed_checkpoint(engine, folder: Path) -> int:
@@ -138,10 +79,7 @@ def load_deepspeed_checkpoint(engine, folder: Path) -> int:
     load_path, _ = engine.load_checkpoint(str(folder))  # the tag comes from folder/latest
     if load_path is None:
         raise UserError(f"--resume: {folder} holds no DeepSpeed checkpoint (no 'latest' file)")
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
-    if state["world_size"] == dist.get_world_size():
-        set_rng_state(state["rng"][dist.get_rank()])
-    return state["step"]
+    return load_sharded_trainer_state(folder)["step"]
 
 
 def gather_full_state_dict(engine) -> dict | None:

@@ -45,7 +45,8 @@ def peak_memory_gb(device: torch.device) -> float:
 def format_step(step: int, total: int, values: dict) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("lr", "lr {:.1e}"),
-                     ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mem_gb", "mem {:.2f} GB")):
+                     ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("tokens_per_s_per_gpu", "{:,.0f} tok/s/gpu"), ("mfu", "mfu {:.1%}"), ("mem_gb", "mem {:.2f} GB")):
         if key in values and values[key] is not None:
             parts.append(fmt.format(values[key]))
     return " | ".join(parts)

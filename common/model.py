@@ -206,3 +206,68 @@ class PooledClassifier(torch.nn.Module):
         hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids).last_hidden_state
         return inner.score(pool_hidden(hidden, attention_mask, self.pooling))
+
+
+def grow_vocabulary(model, vocab_size: int, gather=None) -> int:
+    """Give the input embeddings and the LM head vocab_size rows when a tokenizer grew (say, after
+    data_scripts/merge_tokenizer.py); the new rows start at the mean of the old ones, so new tokens begin as an
+    "average" token instead of noise. `gather`: a context manager giving the full weights (ZeRO-3). Returns the
+    number of rows added."""
+    import contextlib
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    weights = [model.get_input_embeddings().weight]
+    if model.get_output_embeddings() is not None and not model.config.tie_word_embeddings:
+        weights.append(model.get_output_embeddings().weight)
+    with (gather(weights) if gather else contextlib.nullcontext()), torch.no_grad():
+        for w in weights:
+            w[old:] = w[:old].mean(0)
+    return vocab_size - old
+
+
+# Bundled architectures for pretraining from scratch: the tiny test Llama and common/model_configs/*.json
+MODEL_CONFIGS = {"tiny": TINY_LLAMA_DIR / "config.json",
+                 **{n: TINY_LLAMA_DIR.parent / "model_configs" / f"{n}.json" for n in ("1b", "7b", "65b")}}
+
+
+def pretrain_tokenizer_dir(tokenizer_path: str, init_from: str) -> Path:
+    """'tiny' (the tiny Llama's), a tokenizer folder, or '' for init_from's own tokenizer."""
+    if tokenizer_path == "tiny" or not (tokenizer_path or init_from):
+        return TINY_LLAMA_DIR
+    path = Path(tokenizer_path) if tokenizer_path else resolve_model_path(init_from)
+    if not path.is_dir():
+        raise UserError(f"--tokenizer_path={tokenizer_path}: no such folder; expected 'tiny' or a tokenizer folder "
+                        "(data_scripts/train_tokenizer.py or merge_tokenizer.py make one)")
+    return path
+
+
+def pretrain_model_config(model_config: str, init_from: str, tokenizer):
+    """The architecture to pretrain: init_from's (its vocabulary grown to the tokenizer's if that is larger), or a
+    bundled name / config.json with the tokenizer's vocabulary (rounded up to a multiple of 64 rows)."""
+    from transformers import AutoConfig
+
+    if init_from:
+        config = AutoConfig.from_pretrained(resolve_model_path(init_from), local_files_only=True,
+                                            trust_remote_code=False)
+        config.vocab_size = max(config.vocab_size, len(tokenizer))  # what grow_vocabulary makes of it
+    else:
+        path = MODEL_CONFIGS.get(model_config, Path(model_config))
+        if not path.is_file():
+            raise UserError(f"--model_config={model_config}: expected {', '.join(MODEL_CONFIGS)} or a config.json")
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config.vocab_size = -(-len(tokenizer) // 64) * 64
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """'auto': flash-attention 2 when it is installed and there is a GPU, else sdpa; anything else as asked."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"

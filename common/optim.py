@@ -37,3 +37,17 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+def weight_decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay on matrices, none on norms and biases.
+
+    Under DeepSpeed ZeRO-3 a parameter's own shape is empty (its data is a partition); `ds_shape` is the real one, so
+    use it, or every weight would look like a vector and escape decay. FSDP2's DTensors report their full shape.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,6 +1,7 @@
 """Process setup: seeding, the device, threads per process and torch.distributed under torchrun."""
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,29 @@ class Runtime:
         launcher = "deepspeed launcher" if "CROSS_RANK" in os.environ else "torchrun"
         launcher = f"{launcher}, {self.world_size} processes" if self.distributed else "single process"
         return f"{self.device} ({name}), {launcher}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_single_process_env():
+    """DeepSpeed and FSDP always want a process group, and read RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+
+    A launcher (deepspeed, torchrun) sets them; for a plain `python train.py` give them one-process defaults. The
+    port of a one-process group is private to it, so it is always a fresh free one: an inherited MASTER_PORT (say,
+    from a parent process that itself trained in-process) may still be held by that parent.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    elif "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name for it; setup_runtime splits cores by it
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
 def seed_everything(seed: int):

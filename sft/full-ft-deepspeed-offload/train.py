@@ -24,13 +24,12 @@ from common.checkpoint import atomic_write_dir, latest_checkpoint
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config, save_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
-                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint,
-                                    set_single_process_env, weight_decay_groups)
+                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, token_loss_sum
 from common.model import load_model, load_tokenizer, resolve_model_path
-from common.optim import warmup_cosine
-from common.runtime import all_reduce_sum, cleanup, setup_runtime, training_dtype
+from common.optim import warmup_cosine, weight_decay_groups
+from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 

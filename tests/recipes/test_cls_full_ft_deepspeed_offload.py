@@ -111,7 +111,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_two_processes_under_zero3_score_every_eval_text_once(tmp_path):
     """120 eval texts in 8 batches of 16 split 4/4, predict texts in 1 batch: one rank has nothing to score but must
     still join every ZeRO-3 forward; every text is scored once and the files keep the input order."""
-    from common.deepspeed_utils import free_port
+    from common.runtime import free_port
 
     out = tmp_path / "out"
     predict = tmp_path / "predict.jsonl"

@@ -182,7 +182,7 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, zero_args):
     micro-batches. The eval set (5 batches of 8) splits 3/2 over the ranks; under ZeRO-3 a rank that ran out must
     still join every forward, and each example counts once."""
     from common.data import plan_batches
-    from common.deepspeed_utils import free_port
+    from common.runtime import free_port
 
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=2", "--report_to=none", "--batch_size=8",

@@ -1,0 +1,257 @@
+"""Pretraining a Llama-family model under DeepSpeed: random init from a model config (or continued from a checkpoint),
+packed windows streamed from jsonl.zst shards or a pre-tokenized token file, ZeRO stage 1 by default.
+
+Default run, no GPU, no download (tiny config, random init, the bundled English/Chinese corpus), about a minute:
+    cd pretrain/deepspeed && bash run.sh
+A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py -> pretokenize.py):
+    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 --batch_size=8
+Continue pretraining a checkpoint (a grown tokenizer resizes the embeddings, new rows at the mean):
+    bash run.sh --init_from=/models/Llama-2-7b-hf --tokenizer_path=/tok-merged --data_path=/data/zh --zero_stage=3
+Several nodes: HOSTFILE=hostfile bash run.sh ...   Writes output_dir/: final/ (config.json, model.safetensors,
+tokenizer), config.json, metrics.jsonl (loss, lr, grad_norm, tok/s, tok/s/gpu, MFU), loss.png, checkpoints/.
+On a GPU: bf16, sdpa attention (flash-attention 2 when installed), torch's fused AdamW, activation checkpointing.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from common.checkpoint import atomic_write_dir, latest_checkpoint
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
+                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import token_loss_sum
+from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
+                          resolve_attention, resolve_model_path)
+from common.optim import warmup_cosine, weight_decay_groups
+from common.pretrain_data import flops_per_token, open_token_source, packed_loader, peak_tflops
+from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Config:
+    # model
+    model_config: str = "tiny"  # tiny, 1b, 7b, 65b (common/model_configs) or a config.json path: random init
+    init_from: str = ""  # a Hugging Face checkpoint folder to continue pretraining (model_config is then ignored)
+    tokenizer_path: str = "tiny"  # a tokenizer folder; 'tiny': the tiny Llama's; '' with init_from: its own
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 if installed on a GPU
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward; None: on with a GPU
+    # DeepSpeed ZeRO
+    zero_stage: Literal[0, 1, 2, 3] = 1  # 1: optimizer states partitioned over ranks; 3 for models too big for one GPU
+    ds_config: str = str(Path(__file__).resolve().with_name("ds_config.json"))  # DeepSpeed's own knobs (buckets...)
+    # data
+    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), or tokens.bin
+    eval_data_path: str = ""  # held-out shards or token file; '' for none
+    text_field: str = "text"  # record field holding a document
+    seq_len: int = 256  # tokens per packed window
+    document_mask: bool = False  # documents packed in one window do not attend to each other
+    num_workers: int = 1  # loader processes tokenizing ahead, per rank (0: in the training process)
+    # optimization
+    max_steps: int = 120  # optimizer steps
+    batch_size: int = 8  # windows per micro-batch per GPU
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (tiny model; 7B-65B: 1.5e-4 to 3e-4)
+    weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW beta1,beta2 (Llama paper)
+    warmup_steps: int = 10  # linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 42  # seeds init and the token-file order
+    peak_tflops: float = 0.0  # GPU peak for MFU; 0: looked up from the device name (none on CPU)
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 10  # steps between step-log lines
+    eval_every: int = 0  # steps between evals (with eval_data_path); 0: before training and at the end only
+    eval_batches: int = 8  # micro-batches per rank in an eval
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def build_model(cfg: Config, tokenizer, dtype, device, attn: str, gather):
+    """Random init from a config, or a checkpoint; the vocabulary grown to the tokenizer's if it is larger."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from), dtype=dtype,
+                                                     attn_implementation=attn, local_files_only=True,
+                                                     trust_remote_code=False)
+    else:
+        config = pretrain_model_config(cfg.model_config, "", tokenizer)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    added = grow_vocabulary(model, len(tokenizer), gather)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), added
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup: one process group even for one process (DeepSpeed needs it), then seed, device, threads
+    import deepspeed
+
+    if len(cfg.adam_betas) != 2:
+        raise ConfigError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+    quiet_third_party_logs()
+    quiet_deepspeed_warnings()
+    set_single_process_env()
+    rt = setup_runtime(cfg.seed)
+    deepspeed.init_distributed()
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        save_config(cfg, out)
+    log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
+                     config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)
+
+    # ---- tokenizer and data: packed windows, each rank x loader worker reading its own slot of the corpus
+    tokenizer_dir = pretrain_tokenizer_dir(cfg.tokenizer_path, cfg.init_from)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_source = open_token_source(cfg.data_path, tokenizer, cfg.text_field)
+    eval_source = open_token_source(cfg.eval_data_path, tokenizer, cfg.text_field) if cfg.eval_data_path else None
+    attn = resolve_attention(cfg.attn_implementation, rt.device)
+    # documents kept apart: flash-attention 2 by their restarting position ids alone, sdpa with a block mask too
+    mask_mode = ("positions" if attn == "flash_attention_2" else "sdpa") if cfg.document_mask else "none"
+
+    # ---- DeepSpeed config (the Config owns these values; ds_config.json only DeepSpeed's own knobs)
+    owned = {
+        "train_micro_batch_size_per_gpu": (cfg.batch_size, "--batch_size"),
+        "gradient_accumulation_steps": (cfg.grad_accum, "--grad_accum"),
+        "train_batch_size": (cfg.batch_size * cfg.grad_accum * rt.world_size, "--batch_size x --grad_accum x ranks"),
+        "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
+        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 on GPUs that have it)"),
+        "fp16.enabled": (False, "the device (bf16 or fp32, never fp16 loss scaling)"),
+        "zero_optimization.stage": (cfg.zero_stage, "--zero_stage"),
+        "zero_allow_untested_optimizer": (True, "train.py (it hands DeepSpeed torch's AdamW)"),
+        "optimizer": (None, "--lr, --adam_betas, --weight_decay"),
+        "scheduler": (None, "--warmup_steps (warmup then cosine, a LambdaLR)"),
+    }
+    ds_config = fill_ds_config(read_ds_config(cfg.ds_config), owned, cfg.ds_config)
+
+    # ---- model: under ZeRO-3 built inside deepspeed.zero.Init (HfDeepSpeedConfig), so no rank holds it whole
+    hf_zero3, gather = None, None
+    if cfg.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while transformers builds the model)
+        gather = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)  # noqa: E731
+    model, added_rows = build_model(cfg, tokenizer, dtype, rt.device, attn, gather)
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    flops_token = flops_per_token(model.config, cfg.seq_len)
+    peak = peak_tflops(rt.device, cfg.peak_tflops)
+
+    # ---- optimizer (torch AdamW, fused on GPU) and schedule, handed to DeepSpeed
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.adam_betas), fused=rt.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.max_steps, cfg.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    start_step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        else:
+            start_step = load_deepspeed_checkpoint(engine, ckpt)  # weights, optimizer, scheduler, RNG
+            log.info(f"resumed from {ckpt} at step {start_step}")
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
+             f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
+             f"{dtype}, activation checkpointing {'on' if checkpointing else 'off'} | {flops_token / 1e6:,.1f} MFLOPs/token")
+    log.info(f"zero     stage {cfg.zero_stage} | {type(optimizer).__name__} | config {cfg.ds_config}")
+    log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
+             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}"
+             f"{', documents masked from each other' if cfg.document_mask else ''} | {cfg.num_workers} loader worker(s)")
+    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+             f"{rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
+
+    def evaluate() -> float:
+        """Mean loss per predicted token over eval_batches micro-batches per rank (the same count on every rank,
+        as ZeRO-3 needs: a short eval set wraps around)."""
+        engine.eval()
+        loss_sum = n_tokens = 0.0
+        loader = packed_loader(eval_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, 0, cfg.seed, mask_mode)
+        with torch.no_grad():
+            for batch, _ in zip(loader, range(cfg.eval_batches)):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                loss_sum += token_loss_sum(engine(**batch, use_cache=False).logits, labels).item()
+                n_tokens += labels[:, 1:].numel()
+        engine.train()
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+        return loss_sum / n_tokens
+
+    # ---- training loop
+    loader = iter(packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
+                                cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum))
+    engine.train()
+    if eval_source and start_step == 0:
+        log.log(0, {"eval_loss": evaluate()})
+    train_seconds, losses = 0.0, []
+    predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * rt.world_size
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
+            labels = batch.pop("labels")
+            micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
+            # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
+            engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
+            engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
+            loss_sum += micro_loss.item()
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / predicted_per_step
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == cfg.max_steps or step == start_step + 1:
+            grad_norm = engine.get_global_grad_norm()
+            per_gpu = tokens_per_step / dt / rt.world_size
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": tokens_per_step / dt, "tokens_per_s_per_gpu": per_gpu,
+                           "mfu": per_gpu * flops_token / (peak * 1e12) if peak else None,
+                           "mem_gb": peak_memory_gb(rt.device)})
+        if eval_source and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            log.log(step, {"eval_loss": evaluate()})
+        if cfg.save_every > 0 and step % cfg.save_every == 0:
+            path = save_deepspeed_checkpoint(engine, out, step, cfg.keep_last)
+            log.info(f"saved checkpoint {path}")
+
+    # ---- save: the whole model gathered from the partitions, as one Hugging Face checkpoint; final eval
+    final_dir = out / "final"
+    state_dict = gather_full_state_dict(engine)
+    if rt.is_main:
+        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=state_dict),
+                                               tokenizer.save_pretrained(d)))
+    del state_dict
+    eval_loss = None
+    if eval_source:
+        eval_loss = evaluate()
+        log.log(cfg.max_steps, {"eval_loss": eval_loss})
+    steps_run = cfg.max_steps - start_step
+    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, "
+             f"{steps_run * tokens_per_step / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"model and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
+    log.close()
+    cleanup(rt)
+    return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
+            "train_seconds": train_seconds, "steps": steps_run, "flops_per_token": flops_token}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))

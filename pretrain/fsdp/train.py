@@ -1,0 +1,272 @@
+"""Pretraining a Llama-family model with PyTorch FSDP2 (`fully_shard`) under torchrun: every decoder layer and the
+root sharded over the ranks, bf16 compute with fp32 gradient reduction on GPU, activation checkpointing, packed
+windows streamed from jsonl.zst shards or a pre-tokenized token file.
+
+Default run, no GPU, no download (tiny config, random init, the bundled English/Chinese corpus), about a minute:
+    cd pretrain/fsdp && bash run.sh
+A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py -> pretokenize.py):
+    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 --batch_size=8
+Continue pretraining a checkpoint (a grown tokenizer resizes the embeddings, new rows at the mean):
+    NGPU=8 bash run.sh --init_from=/models/Llama-2-7b-hf --tokenizer_path=/tok-merged --data_path=/data/zh
+Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 NGPU=8 bash run.sh ...   Writes output_dir/: final/
+(config.json, model.safetensors, tokenizer), config.json, metrics.jsonl (loss, lr, grad_norm, tok/s, tok/s/gpu,
+MFU), loss.png, checkpoints/ (torch.distributed.checkpoint, sharded). Rank 0 builds the initial weights on CPU once
+(fp32: 4 bytes x parameters of host RAM) and broadcasts them into the other ranks' shards.
+"""
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from common.checkpoint import atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, save_sharded_checkpoint
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import token_loss_sum
+from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
+                          resolve_attention, resolve_model_path)
+from common.optim import warmup_cosine, weight_decay_groups
+from common.pretrain_data import flops_per_token, open_token_source, packed_loader, peak_tflops
+from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Config:
+    # model
+    model_config: str = "tiny"  # tiny, 1b, 7b, 65b (common/model_configs) or a config.json path: random init
+    init_from: str = ""  # a Hugging Face checkpoint folder to continue pretraining (model_config is then ignored)
+    tokenizer_path: str = "tiny"  # a tokenizer folder; 'tiny': the tiny Llama's; '' with init_from: its own
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 if installed on a GPU
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward; None: on with a GPU
+    reshard_after_forward: bool = True  # free gathered weights after each layer's forward (ZeRO-3-like); off: ZeRO-2-like
+    # data
+    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), or tokens.bin
+    eval_data_path: str = ""  # held-out shards or token file; '' for none
+    text_field: str = "text"  # record field holding a document
+    seq_len: int = 256  # tokens per packed window
+    document_mask: bool = False  # documents packed in one window do not attend to each other
+    num_workers: int = 1  # loader processes tokenizing ahead, per rank (0: in the training process)
+    # optimization
+    max_steps: int = 120  # optimizer steps
+    batch_size: int = 8  # windows per micro-batch per GPU
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (tiny model; 7B-65B: 1.5e-4 to 3e-4)
+    weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW beta1,beta2 (Llama paper)
+    warmup_steps: int = 10  # linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 42  # seeds init and the token-file order
+    peak_tflops: float = 0.0  # GPU peak for MFU; 0: looked up from the device name (none on CPU)
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 10  # steps between step-log lines
+    eval_every: int = 0  # steps between evals (with eval_data_path); 0: before training and at the end only
+    eval_batches: int = 8  # micro-batches per rank in an eval
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
+    """Rank 0's full fp32 state dict to start from (random init or the checkpoint), and the token rows added."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from), dtype=torch.float32,
+                                                     local_files_only=True, trust_remote_code=False)
+        added = grow_vocabulary(model, len(tokenizer))
+    else:
+        model, added = AutoModelForCausalLM.from_config(config, dtype=torch.float32), 0
+    return model.state_dict(), added
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    if len(cfg.adam_betas) != 2:
+        raise ConfigError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+    quiet_third_party_logs()
+    set_single_process_env()
+    rt = setup_runtime(cfg.seed)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        save_config(cfg, out)
+    log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
+                     config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)
+
+    # ---- tokenizer and data: packed windows, each rank x loader worker reading its own slot of the corpus
+    tokenizer_dir = pretrain_tokenizer_dir(cfg.tokenizer_path, cfg.init_from)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_source = open_token_source(cfg.data_path, tokenizer, cfg.text_field)
+    eval_source = open_token_source(cfg.eval_data_path, tokenizer, cfg.text_field) if cfg.eval_data_path else None
+    attn = resolve_attention(cfg.attn_implementation, rt.device)
+    # documents kept apart: flash-attention 2 by their restarting position ids alone, sdpa with a block mask too
+    mask_mode = ("positions" if attn == "flash_attention_2" else "sdpa") if cfg.document_mask else "none"
+
+    # ---- model: built on the meta device (no memory), each decoder layer then the root sharded with fully_shard,
+    # storage allocated for this rank's shards only, and rank 0's initial weights broadcast into them
+    config = pretrain_model_config(cfg.model_config, cfg.init_from, tokenizer)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    architecture = type(model).__name__
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # bf16 weights for compute, fp32 for the gradient reduce-scatter and the optimizer's master copy
+    precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+    model.to_empty(device=rt.device)
+    # the rotary embedding's inverse frequencies are a non-persistent buffer: to_empty left it uninitialised
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(rt.device)
+    full_state, added_rows = initial_weights(cfg, config, tokenizer) if rt.is_main else ({}, 0)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors report their full size
+    flops_token = flops_per_token(config, cfg.seq_len)
+    peak = peak_tflops(rt.device, cfg.peak_tflops)
+
+    # ---- optimizer (torch AdamW over the sharded fp32 parameters, fused on GPU) and schedule
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.adam_betas), fused=rt.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.max_steps, cfg.warmup_steps))
+    start_step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(ckpt))  # each rank reads its own shards
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            trainer_state = load_sharded_trainer_state(ckpt)  # step, RNG
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            start_step = trainer_state["step"]
+            log.info(f"resumed from {ckpt} at step {start_step}")
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
+             f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
+             f"{dtype} compute, activation checkpointing {'on' if checkpointing else 'off'} | "
+             f"{flops_token / 1e6:,.1f} MFLOPs/token")
+    log.info(f"fsdp     fully_shard on {len(model.model.layers)} layers + root over {rt.world_size} rank(s), "
+             f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'} | {type(optimizer).__name__}")
+    log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
+             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}"
+             f"{', documents masked from each other' if cfg.document_mask else ''} | {cfg.num_workers} loader worker(s)")
+    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+             f"{rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
+
+    def evaluate() -> float:
+        """Mean loss per predicted token over eval_batches micro-batches per rank (every rank runs as many
+        forwards, as the sharded weights need: a short eval set wraps around)."""
+        model.eval()
+        loss_sum = n_tokens = 0.0
+        loader = packed_loader(eval_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, 0, cfg.seed, mask_mode)
+        with torch.no_grad():
+            for batch, _ in zip(loader, range(cfg.eval_batches)):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                loss_sum += token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
+                n_tokens += labels[:, 1:].numel()
+        model.train()
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+        return loss_sum / n_tokens
+
+    # ---- training loop
+    loader = iter(packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
+                                cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum))
+    model.train()
+    if eval_source and start_step == 0:
+        log.log(0, {"eval_loss": evaluate()})
+    train_seconds, losses = 0.0, []
+    predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * rt.world_size
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for i in range(cfg.grad_accum):
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
+            labels = batch.pop("labels")
+            model.set_requires_gradient_sync(i == cfg.grad_accum - 1)  # reduce-scatter once per step
+            micro_loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
+            # mean over every predicted token of the step on all ranks (the reduce-scatter averages: * world)
+            (micro_loss * rt.world_size / predicted_per_step).backward()
+            loss_sum += micro_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / predicted_per_step
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == cfg.max_steps or step == start_step + 1:
+            per_gpu = tokens_per_step / dt / rt.world_size
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "tokens_per_s": tokens_per_step / dt, "tokens_per_s_per_gpu": per_gpu,
+                           "mfu": per_gpu * flops_token / (peak * 1e12) if peak else None,
+                           "mem_gb": peak_memory_gb(rt.device)})
+        if eval_source and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            log.log(step, {"eval_loss": evaluate()})
+        if cfg.save_every > 0 and step % cfg.save_every == 0:
+            import torch.distributed.checkpoint as dcp
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            path = save_sharded_checkpoint(out, step, cfg.keep_last, lambda tmp: dcp.save(
+                {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp)),
+                extra={"scheduler": scheduler.state_dict()})
+            log.info(f"saved checkpoint {path}")
+
+    # ---- save: the full weights gathered to rank 0 (on CPU) as one Hugging Face checkpoint; final eval
+    final_dir = out / "final"
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rt.is_main:
+        def write_final(d):
+            model.save_pretrained(d, state_dict=full)
+            saved = json.loads((d / "config.json").read_text())  # fully_shard renamed the class: FSDPLlama...
+            (d / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2) + "\n")
+            tokenizer.save_pretrained(d)
+        atomic_write_dir(final_dir, write_final)
+    del full
+    eval_loss = None
+    if eval_source:
+        eval_loss = evaluate()
+        log.log(cfg.max_steps, {"eval_loss": eval_loss})
+    steps_run = cfg.max_steps - start_step
+    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, "
+             f"{steps_run * tokens_per_step / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"model and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
+    log.close()
+    cleanup(rt)
+    return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
+            "train_seconds": train_seconds, "steps": steps_run, "flops_per_token": flops_token}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))

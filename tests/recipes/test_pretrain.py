@@ -1,0 +1,159 @@
+"""pretrain/deepspeed and pretrain/fsdp end to end on CPU with the tiny config, and the whole path from raw files to
+a pretrained checkpoint: shard_corpus -> train_tokenizer -> pretokenize -> pretraining, and merge_tokenizer ->
+continued pretraining with a grown vocabulary."""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, load_recipe, run_script
+
+DEEPSPEED, FSDP = REPO / "pretrain" / "deepspeed", REPO / "pretrain" / "fsdp"
+SHARDS = REPO / "data" / "pretrain" / "shards"
+SCRIPTS = REPO / "data_scripts"
+pretrain_ds, pretrain_fsdp = load_recipe(DEEPSPEED), load_recipe(FSDP)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+FAST = ["--report_to=none", "--log_every=1", "--warmup_steps=2"]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_main(recipe, out, *args):
+    return recipe.main(recipe.parse_config(recipe.Config, [f"--output_dir={out}", *FAST, *args]))
+
+
+@pytest.mark.parametrize("recipe", [DEEPSPEED, FSDP], ids=["deepspeed", "fsdp"])
+def test_run_sh_pretrains_with_eval_and_writes_a_checkpoint(recipe, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(recipe / "run.sh", f"--output_dir={out}", "--max_steps=30", "--eval_every=15",
+                      f"--eval_data_path={SHARDS / 'shard-00003.jsonl.zst'}", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.5, losses  # from ln(2048) = 7.6 down
+    assert len(evals) == 3 and evals[-1] < evals[0] - 1.0, evals  # before, at step 15, at the end
+    assert all(k in r for r in rows if "loss" in r for k in ("tokens_per_s", "tokens_per_s_per_gpu", "grad_norm", "lr"))
+    assert "tok/s/gpu" in proc.stdout and "MFLOPs/token" in proc.stdout
+    final = out / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 2048
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", [pretrain_ds, pretrain_fsdp], ids=["deepspeed", "fsdp"])
+def test_final_checkpoint_reproduces_the_trained_model(recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run_main(recipe, tmp_path / "out", "--max_steps=4", "--document_mask")
+    ids = torch.tensor([result["tokenizer"]("The river runs to the sea. 今天天气很好。").input_ids])
+    with torch.no_grad():
+        in_memory = result["model"].eval()(input_ids=ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, in_memory, atol=1e-5, rtol=0)
+
+
+def test_deepspeed_and_fsdp_compute_the_same_steps(tmp_path):
+    """Same seed, same init, same windows: ZeRO-1 and FSDP2 are two ways of taking the same optimizer steps."""
+    args = ["--max_steps=5", "--batch_size=4", "--grad_accum=2"]
+    ds = run_main(pretrain_ds, tmp_path / "ds", *args)
+    fsdp = run_main(pretrain_fsdp, tmp_path / "fsdp", *args)
+    assert fsdp["losses"] == pytest.approx(ds["losses"], abs=1e-4)
+    assert ds["losses"][-1] < ds["losses"][0]
+
+
+@pytest.mark.parametrize("recipe", [pretrain_ds, pretrain_fsdp], ids=["deepspeed", "fsdp"])
+def test_resume_gives_the_same_next_steps(recipe, tmp_path):
+    """Interrupted after step 3 and resumed (two loader workers, so the data position is per worker), the run
+    continues with the losses of the uninterrupted one; a half-written checkpoint is never picked up."""
+    args = ["--max_steps=6", "--save_every=3", "--num_workers=2", "--batch_size=4"]
+    straight = run_main(recipe, tmp_path / "a", *args)
+    run_main(recipe, tmp_path / "b", *args)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000006")
+    (checkpoints / ".step_00000009.tmp").mkdir()  # what a crash while saving step 9 would leave
+    resumed = run_main(recipe, tmp_path / "b", *args, "--resume")
+    assert resumed["steps"] == 3
+    assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-5)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
+def test_two_processes_deepspeed_launcher_and_torchrun_agree(tmp_path):
+    from common.runtime import free_port
+
+    losses = {}
+    for name, recipe in (("deepspeed", DEEPSPEED), ("fsdp", FSDP)):
+        out = tmp_path / name
+        proc = run_script(recipe / "run.sh", f"--output_dir={out}", "--max_steps=3", "--batch_size=4",
+                          "--document_mask", *FAST, env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert ("deepspeed launcher" if name == "deepspeed" else "torchrun") + ", 2 processes" in proc.stdout
+        assert "2,048 tokens (batch 4 x accum 1 x 2 ranks)" in proc.stdout
+        losses[name] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses["fsdp"]) == 3 and all(math.isfinite(x) for x in losses["fsdp"])
+    assert losses["fsdp"] == pytest.approx(losses["deepspeed"], abs=1e-4)
+
+
+def test_raw_files_to_a_pretrained_checkpoint(tmp_path):
+    """The README's path: raw files -> shards -> a new tokenizer -> a token file -> pretraining on it."""
+    shards, tok, tokens = tmp_path / "shards", tmp_path / "tok", tmp_path / "tokens.bin"
+    steps = [(SCRIPTS / "shard_corpus.py", "--inputs", str(REPO / "data" / "pretrain" / "raw"), "--out_dir",
+              str(shards), "--max_lines", "300", "--workers", "2"),
+             (SCRIPTS / "train_tokenizer.py", "--inputs", str(shards), "--out_dir", str(tok), "--vocab_size", "1000"),
+             (SCRIPTS / "pretokenize.py", f"--data_path={shards}", f"--tokenizer_path={tok}", f"--out={tokens}")]
+    for script, *args in steps:
+        proc = run_script(script, *args)
+        assert proc.returncode == 0, (script.name, proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert len(json.loads((shards / "manifest.json").read_text())["shards"]) >= 5
+    out = tmp_path / "out"
+    proc = run_script(DEEPSPEED / "run.sh", f"--output_dir={out}", f"--tokenizer_path={tok}",
+                      f"--data_path={tokens}", "--max_steps=20", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "token file" in proc.stdout
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0, losses
+    assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] == 1024  # 1000 rounded up to 64s
+
+
+def test_merged_tokenizer_grows_the_vocabulary_for_continued_pretraining(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    zh, merged = tmp_path / "zh", tmp_path / "merged"
+    for script, *args in [(SCRIPTS / "train_tokenizer.py", "--inputs", str(REPO / "data" / "pretrain" / "raw" / "wudao_zh.json"),
+                           "--out_dir", str(zh), "--vocab_size", "1500", "--normalization", "identity"),
+                          (SCRIPTS / "merge_tokenizer.py", "--base_tokenizer", str(REPO / "common" / "tiny_llama"),
+                           "--add_tokenizer", str(zh), "--out_dir", str(merged))]:
+        proc = run_script(script, *args)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    n = len(AutoTokenizer.from_pretrained(merged))
+    assert n > 2048
+    out = tmp_path / "out"
+    proc = run_script(FSDP / "run.sh", f"--output_dir={out}", "--init_from=tiny", f"--tokenizer_path={merged}",
+                      "--max_steps=3", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{n - 2048} new token rows at the mean embedding" in proc.stdout
+    weights = load_file(out / "final" / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape[0] == n and weights["lm_head.weight"].shape[0] == n
+
+
+def test_grow_vocabulary_starts_new_rows_at_the_mean(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from common.model import grow_vocabulary
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert grow_vocabulary(model, 2048) == 0 and grow_vocabulary(model, 2100) == 52
+    after = model.get_input_embeddings().weight
+    assert torch.equal(after[:2048], before)
+    torch.testing.assert_close(after[2048:], before.mean(0).expand(52, -1))
+    assert model.get_output_embeddings().weight.shape[0] == 2100 and model.config.vocab_size == 2100
