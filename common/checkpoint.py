@@ -119,3 +119,51 @@ def load_sharded_trainer_state(folder: Path) -> dict:
     if state["world_size"] == dist.get_world_size():
         set_rng_state(state["rng"][dist.get_rank()])
     return state
+
+
+# Fields that do not make a run different: where it writes, how it reports, whether it resumes
+NOT_THE_RUN = {"output_dir", "resume", "overwrite", "report_to", "log_every", "eval_every", "save_every", "keep_last",
+               "max_steps", "epochs"}  # a resumed run may be made longer
+
+
+def prepare_output_dir(cfg, output_dir, is_main: bool = True) -> Path:
+    """Make output_dir ready for this run and write its config.json; never silently mix two runs in one folder.
+
+    A folder holding an earlier run (its config.json) is refused, with what differs, unless this run resumes it
+    (--resume, same settings), starts it over (--overwrite: its metrics, checkpoints and logs are removed), or is the
+    same command again with no checkpoints to lose (its metrics are started afresh)."""
+    import json
+
+    from common.config import UserError, config_to_dict, save_config
+
+    out = Path(output_dir)
+    if not is_main:
+        return out
+    previous_file = out / "config.json"
+    # an earlier attempt that stopped before training (a bad option, a missing file) left only its config.json
+    metrics = out / "metrics.jsonl"
+    started = (metrics.is_file() and metrics.stat().st_size > 0) or (out / "final").is_dir() or bool(list_checkpoints(out))
+    if previous_file.is_file() and started:
+        try:
+            previous = json.loads(previous_file.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        current = json.loads(json.dumps(config_to_dict(cfg), default=str))
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in NOT_THE_RUN and previous.get(k) != current.get(k))
+        has_checkpoints = bool(list_checkpoints(out))
+        if not getattr(cfg, "overwrite", False):
+            what = ", ".join(f"--{k} {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+            if changed:
+                raise UserError(f"--output_dir={out} holds a different run ({what}{', ...' if len(changed) > 4 else ''}); "
+                                "use another --output_dir, --overwrite to replace it, or its own settings with --resume")
+            if has_checkpoints and not getattr(cfg, "resume", False):
+                raise UserError(f"--output_dir={out} holds checkpoints of this run (latest "
+                                f"{latest_checkpoint(out).name}); add --resume to continue it or --overwrite to start over")
+        if getattr(cfg, "overwrite", False):
+            for name in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        if getattr(cfg, "overwrite", False) or not getattr(cfg, "resume", False):
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a new run's history starts empty
+    save_config(cfg, out)
+    return out

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from common.config import UserError
 from common.data import IGNORE_INDEX
 
 
@@ -47,3 +48,25 @@ def regression_loss_sum(predictions, targets, loss="mse", huber_delta=1.0):
 def pairwise_loss_sum(chosen_rewards, rejected_rewards):
     """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), summed over pairs."""
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).sum()
+
+
+class NonFiniteLoss(UserError):
+    """A step's loss or gradient norm is nan or inf (reported as one line: it names the step and what to do)."""
+
+
+def step_is_finite(step: int, loss: float, grad_norm, on_nan: str, output_dir) -> bool:
+    """Check a step before its update: True to apply it, False to skip it (--on_nan=skip); with --on_nan=stop a
+    NonFiniteLoss before anything changes, so the weights and the last checkpoint stay as they were."""
+    import math
+
+    from common.checkpoint import latest_checkpoint
+
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    if math.isfinite(loss) and math.isfinite(norm):
+        return True
+    if on_nan == "skip":
+        return False
+    last = latest_checkpoint(output_dir)
+    raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {norm}; stopped before updating the weights "
+                        f"(last checkpoint: {last or 'none'}); lower --lr or check the data, resume with --resume, "
+                        "or skip such steps with --on_nan=skip")

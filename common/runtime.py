@@ -1,6 +1,7 @@
 """Process setup: seeding, the device, threads per process and torch.distributed under torchrun."""
 import os
 import random
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -100,3 +101,35 @@ def cleanup(runtime: Runtime):
     if runtime.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C): the signal's name, '' until one comes."""
+    signal: str = ""
+    previous: dict = None
+
+    def restore(self):
+        for signum, handler in (self.previous or {}).items():
+            signal.signal(signum, handler)
+
+
+def catch_stop_signals() -> StopRequest:
+    """Turn SIGTERM and SIGINT into a request the training loop honours after the current step (it saves a
+    checkpoint, says where, and exits cleanly); a second Ctrl-C stops at once."""
+    request = StopRequest(previous={s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)})
+
+    def handler(signum, frame):
+        if request.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.signal = signal.Signals(signum).name
+
+    for signum in request.previous:
+        signal.signal(signum, handler)
+    return request
+
+
+def stop_requested(request: StopRequest, runtime: "Runtime") -> bool:
+    """Whether any rank was asked to stop: all ranks must save the checkpoint together, so they agree first."""
+    (asked,) = all_reduce_sum([1.0 if request.signal else 0.0], runtime)
+    return asked > 0

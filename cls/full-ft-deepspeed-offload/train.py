@@ -24,18 +24,19 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import atomic_write_dir, latest_checkpoint
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import classification_loss_sum, regression_loss_sum
+from common.losses import classification_loss_sum, regression_loss_sum, step_is_finite
 from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
                             regression_metrics)
 from common.model import PooledClassifier, load_model, load_tokenizer, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
-from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
+                            stop_requested, training_dtype)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 
@@ -85,6 +86,8 @@ class Config:
     save_every: int = 0  # steps between checkpoints for --resume; 0: none
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
+    on_nan: Literal["stop"] = "stop"  # a nan/inf loss stops before its update (DeepSpeed updates inside engine.step)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
@@ -128,8 +131,7 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     deepspeed.init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
     out = Path(cfg.output_dir)
-    if rt.is_main:
-        save_config(cfg, out)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
     dtype = training_dtype(rt.device)  # bf16 on a GPU, fp32 on CPU
 
@@ -283,6 +285,7 @@ def main(cfg: Config) -> dict:
         log_eval(0, evaluate())
     engine.train()
     train_seconds, tokens_seen, losses = 0.0, 0, []
+    stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk = [[train_examples[i] for i in next(stream)] for _ in range(cfg.grad_accum)]
@@ -294,6 +297,7 @@ def main(cfg: Config) -> dict:
             targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long,
                                    device=rt.device)
             micro_loss = step_loss_sum(engine(**batch), targets)
+            step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
             # mean over the examples of the whole step on all ranks: scale_wrt_gas=False stops DeepSpeed dividing by
             # grad_accum again, and its gradient reduction averages over ranks, hence * world_size
             engine.backward(micro_loss * rt.world_size / n_examples, scale_wrt_gas=False)
@@ -301,8 +305,6 @@ def main(cfg: Config) -> dict:
             loss_sum += micro_loss.item()
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / n_examples
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
@@ -315,9 +317,20 @@ def main(cfg: Config) -> dict:
                            "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log_eval(step, evaluate())
-        if cfg.save_every > 0 and step % cfg.save_every == 0:  # every rank saves its partition
+        preempted = stop_requested(stop, rt)
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # every rank saves its partition
             path = save_deepspeed_checkpoint(engine, out, step, cfg.keep_last)
             log.info(f"saved checkpoint {path}")
+        if preempted:
+            log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
+                     f"{path or latest_checkpoint(out)}; continue with --resume")
+            break
+
+    stop.restore()
+    if preempted:
+        log.close()
+        cleanup(rt)
+        return {"preempted": True, "losses": losses, "steps": step - start_step}
 
     # ---- save: one Hugging Face checkpoint gathered from the partitions (every rank takes part), labels.json, then
     # the final eval and predictions

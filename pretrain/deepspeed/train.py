@@ -11,7 +11,6 @@ Several nodes: HOSTFILE=hostfile bash run.sh ...   Writes output_dir/: final/ (c
 tokenizer), config.json, metrics.jsonl (loss, lr, grad_norm, tok/s, tok/s/gpu, MFU), loss.png, checkpoints/.
 On a GPU: bf16, sdpa attention (flash-attention 2 when installed), torch's fused AdamW, activation checkpointing.
 """
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,18 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import atomic_write_dir, latest_checkpoint
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import token_loss_sum
+from common.losses import step_is_finite, token_loss_sum
 from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
+                            stop_requested, training_dtype)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,8 @@ class Config:
     save_every: int = 0  # steps between checkpoints for --resume; 0: none
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
+    on_nan: Literal["stop"] = "stop"  # a nan/inf loss stops before its update (DeepSpeed updates inside engine.step)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
@@ -102,8 +104,7 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     deepspeed.init_distributed()
     out = Path(cfg.output_dir)
-    if rt.is_main:
-        save_config(cfg, out)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
                      config=config_to_dict(cfg))
     dtype = training_dtype(rt.device)
@@ -196,6 +197,7 @@ def main(cfg: Config) -> dict:
         log.log(0, {"eval_loss": evaluate()})
     train_seconds, losses = 0.0, []
     predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * rt.world_size
+    stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = 0.0
@@ -203,14 +205,13 @@ def main(cfg: Config) -> dict:
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
             labels = batch.pop("labels")
             micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
+            step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
             # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
             loss_sum += micro_loss.item()
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / predicted_per_step
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -227,9 +228,20 @@ def main(cfg: Config) -> dict:
                            "mem_gb": peak_memory_gb(rt.device)})
         if eval_source and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log.log(step, {"eval_loss": evaluate()})
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        preempted = stop_requested(stop, rt)
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):
             path = save_deepspeed_checkpoint(engine, out, step, cfg.keep_last)
             log.info(f"saved checkpoint {path}")
+        if preempted:
+            log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
+                     f"{path or latest_checkpoint(out)}; continue with --resume")
+            break
+
+    stop.restore()
+    if preempted:
+        log.close()
+        cleanup(rt)
+        return {"preempted": True, "losses": losses, "steps": step - start_step}
 
     # ---- save: the whole model gathered from the partitions, as one Hugging Face checkpoint; final eval
     final_dir = out / "final"

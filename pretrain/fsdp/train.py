@@ -14,7 +14,6 @@ MFU), loss.png, checkpoints/ (torch.distributed.checkpoint, sharded). Rank 0 bui
 (fp32: 4 bytes x parameters of host RAM) and broadcasts them into the other ranks' shards.
 """
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +22,17 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, save_sharded_checkpoint
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config, save_config
+from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
+                               save_sharded_checkpoint)
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import token_loss_sum
+from common.losses import step_is_finite, token_loss_sum
 from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import all_reduce_sum, cleanup, set_single_process_env, setup_runtime, training_dtype
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
+                            stop_requested, training_dtype)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,6 +72,8 @@ class Config:
     save_every: int = 0  # steps between checkpoints for --resume; 0: none
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
+    on_nan: Literal["stop", "skip"] = "stop"  # a nan/inf loss or gradient: stop before updating, or skip the step
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
@@ -102,8 +105,7 @@ def main(cfg: Config) -> dict:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     out = Path(cfg.output_dir)
-    if rt.is_main:
-        save_config(cfg, out)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
                      config=config_to_dict(cfg))
     dtype = training_dtype(rt.device)
@@ -199,6 +201,7 @@ def main(cfg: Config) -> dict:
         log.log(0, {"eval_loss": evaluate()})
     train_seconds, losses = 0.0, []
     predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * rt.world_size
+    stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = 0.0
@@ -212,13 +215,16 @@ def main(cfg: Config) -> dict:
             loss_sum += micro_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / predicted_per_step
+        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
-        loss = loss_sum / predicted_per_step
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -233,7 +239,8 @@ def main(cfg: Config) -> dict:
                            "mem_gb": peak_memory_gb(rt.device)})
         if eval_source and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log.log(step, {"eval_loss": evaluate()})
-        if cfg.save_every > 0 and step % cfg.save_every == 0:
+        preempted = stop_requested(stop, rt)
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):
             import torch.distributed.checkpoint as dcp
 
             model_state, optim_state = get_state_dict(model, optimizer)
@@ -241,6 +248,16 @@ def main(cfg: Config) -> dict:
                 {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp)),
                 extra={"scheduler": scheduler.state_dict()})
             log.info(f"saved checkpoint {path}")
+        if preempted:
+            log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
+                     f"{path or latest_checkpoint(out)}; continue with --resume")
+            break
+
+    stop.restore()
+    if preempted:
+        log.close()
+        cleanup(rt)
+        return {"preempted": True, "losses": losses, "steps": step - start_step}
 
     # ---- save: the full weights gathered to rank 0 (on CPU) as one Hugging Face checkpoint; final eval
     final_dir = out / "final"

@@ -19,15 +19,16 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import atomic_write_dir, latest_checkpoint, load_trainer_state, save_checkpoint
-from common.config import config_to_dict, exit_on_user_error, parse_config, save_config
+from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
+                               save_checkpoint)
+from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, token_loss_sum
+from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
 from common.model import (add_lora, count_parameters, load_model, load_tokenizer, prepare_for_lora_training,
                           resolve_model_path)
 from common.optim import make_optimizer, warmup_cosine
-from common.runtime import all_reduce_sum, cleanup, setup_runtime, training_dtype
+from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -69,6 +70,8 @@ class Config:
     save_every: int = 0  # steps between checkpoints for --resume; 0: none
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
+    on_nan: Literal["stop", "skip"] = "stop"  # a nan/inf loss or gradient: stop before updating, or skip the step
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
@@ -92,8 +95,7 @@ def main(cfg: Config) -> dict:
     quiet_third_party_logs()
     rt = setup_runtime(cfg.seed)
     out = Path(cfg.output_dir)
-    if rt.is_main:
-        save_config(cfg, out)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
     dtype = training_dtype(rt.device)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
@@ -170,6 +172,7 @@ def main(cfg: Config) -> dict:
         log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
     model.train()
     train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
+    stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk = [collate_left_padded([train_examples[i] for i in next(stream)], tokenizer.pad_token_id)
@@ -189,13 +192,16 @@ def main(cfg: Config) -> dict:
             (micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / max(n_trained, 1)
+        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
-        loss = loss_sum / max(n_trained, 1)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; lower --lr or check the data")
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
@@ -207,9 +213,20 @@ def main(cfg: Config) -> dict:
                            "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
-        if cfg.save_every > 0 and step % cfg.save_every == 0 and rt.is_main:
+        preempted = stop_requested(stop, rt)
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted) and rt.is_main:
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
             log.info(f"saved checkpoint {path}")
+        if preempted:
+            log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
+                     f"{path or latest_checkpoint(out)}; continue with --resume")
+            break
+
+    stop.restore()
+    if preempted:
+        log.close()
+        cleanup(rt)
+        return {"preempted": True, "losses": losses, "steps": step - start_step}
 
     # ---- save and final eval
     final_dir = out / "final"
