@@ -1,0 +1,278 @@
+"""Using what the recipes trained: finding what an output folder holds, loading it to generate or score, rendering
+prompts the way training did, and batched left-padded generation. Shared by tools/*.py.
+
+    model_dir = resolve_model_option("tiny", "model")             # 'tiny' or a local checkpoint folder
+    head = head_info(adapter_dir)                                 # labels.json / reward_model.json, or None
+    model = load_for_inference(model_dir, adapter_dir, num_labels=head["num_labels"])
+    text, add_special = generation_prompt(record, tokenizer)      # what the model saw before its answer
+    outputs = generate_texts(model, tokenizer, prompt_ids, batch_size=8, generation_config=config)
+"""
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from common.config import UserError
+from common.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DataError, Record, chat_messages,
+                         collate_left_padded, require_str)
+from common.model import load_model, load_tokenizer, resolve_model_path
+
+HEAD_FILES = ("labels.json", "reward_model.json")  # what the cls recipes write beside a classifier / reward model
+
+
+def resolve_model_option(value: str, option: str) -> Path:
+    """resolve_model_path, with its errors naming this tool's option (--model, --base) instead of --model_path."""
+    try:
+        return resolve_model_path(value)
+    except UserError as e:
+        raise UserError(str(e).replace("--model_path=", f"--{option}=")) from None
+
+
+def read_adapter_config(adapter_dir, option="adapter") -> dict:
+    """adapter_config.json of a LoRA output folder (out/final); a clear error for a folder that is not one."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"--{option}={adapter_dir}: no such folder; expected a LoRA output folder such as out/final")
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        config_path = adapter_dir / "config.json"
+        if config_path.is_file() and "model_type" in json.loads(config_path.read_text()):
+            hint = "this is a whole model (a full fine-tune or a merged model): use it as --model directly"
+        elif (adapter_dir / "final" / "adapter_config.json").is_file():
+            hint = f"this is a run's output folder; the adapter is in --{option}={adapter_dir / 'final'}"
+        else:
+            hint = "expected the out/final folder of a LoRA recipe"
+        raise UserError(f"--{option}={adapter_dir}: no adapter_config.json here; {hint}")
+    return json.loads(path.read_text())
+
+
+def resolve_model_and_adapter(model: str | None, adapter: str | None) -> tuple[Path, Path | None]:
+    """The --model folder ('tiny' or a local checkpoint; by default the base the adapter's adapter_config.json names)
+    and the --adapter folder, both checked."""
+    adapter_config = read_adapter_config(adapter) if adapter else {}
+    model = model or adapter_config.get("base_model_name_or_path")
+    if not model:
+        raise UserError("--model is needed (or an --adapter whose adapter_config.json names its base)")
+    return resolve_model_option(model, "model"), Path(adapter) if adapter else None
+
+
+def head_info(folder) -> dict | None:
+    """What a classifier or reward model folder says about its head: labels.json (task, labels, pooling, append_eos,
+    text_field) or reward_model.json (pooling, append_eos, prompt_template), with 'file' and 'num_labels' added;
+    None when the folder has neither (a causal LM)."""
+    for name in HEAD_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            info = json.loads(path.read_text())
+            num_labels = len(info["labels"]) if "labels" in info else int(info.get("num_labels", 1))
+            return {**info, "file": name, "num_labels": num_labels}
+    return None
+
+
+def quantization_method(model_dir) -> str | None:
+    """'gptq', 'bitsandbytes', ... when the checkpoint's config.json says it is stored quantized, else None."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    return (quant.get("quant_method") or "unknown") if quant else None
+
+
+def tokenizer_dir(model_dir, adapter_dir=None) -> Path:
+    """The adapter's tokenizer when it has one (the recipes save the tokenizer they trained with), else the model's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return Path(adapter_dir)
+    return Path(model_dir)
+
+
+def make_safetensors_readable(folder):
+    """safetensors creates its files with mode 0600 whatever the umask; give them the umask's mode like every other
+    file, so a merged model or delta can be served or shared by another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).glob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and less exact); else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"--dtype={name}: expected auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def import_gptqmodel_quietly():
+    """peft imports gptqmodel (when installed) the first time it wraps a model, which prints a banner and changes
+    HF_HOME and the root logger; importing it first through common.gptq keeps the process as it was."""
+    try:
+        from common.gptq import import_gptqmodel
+
+        import_gptqmodel()
+    except ImportError:
+        pass
+
+
+def load_for_inference(model_dir, adapter_dir=None, load_in_4bit=False, num_labels=None, dtype=torch.float32,
+                       device=None):
+    """A model in eval mode: the checkpoint in model_dir (full precision, GPTQ as stored, or NF4-quantized on load
+    with load_in_4bit), with the LoRA adapter in adapter_dir on top when given. num_labels: a sequence classifier with
+    that many outputs (its score head comes from the adapter or the checkpoint); None: a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    device = device or torch.device("cpu")
+    model_class = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
+    head = {"num_labels": num_labels} if num_labels else {}
+    device_map = {"": device} if device.type == "cuda" else None
+    method = quantization_method(model_dir)
+    if method == "gptq":
+        if load_in_4bit:
+            raise UserError(f"{model_dir} is already GPTQ-quantized; drop --load_in_4bit")
+        from common.gptq import load_gptq_model
+
+        model = load_gptq_model(model_dir, model_class, dtype, device_map, **head)
+    else:
+        if load_in_4bit and method:
+            raise UserError(f"{model_dir} is already quantized ({method}); drop --load_in_4bit")
+        model = load_model(model_dir, "nf4" if load_in_4bit else "none", dtype, device_map, model_class=model_class,
+                           **head)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        import_gptqmodel_quietly()
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if device_map is None and not load_in_4bit and method is None:
+        model.to(device)
+    return model.eval()
+
+
+def load_inference_tokenizer(model_dir, adapter_dir=None):
+    """The tokenizer, left-padded with a pad token (common.model.load_tokenizer), from tokenizer_dir."""
+    return load_tokenizer(tokenizer_dir(model_dir, adapter_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts: a record rendered as the text the sft recipes trained the model to answer.
+
+
+def render_chat(tokenizer, messages, where) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat prompts need a tokenizer with a chat template; this tokenizer has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_messages(record: Record) -> list[dict]:
+    """A chat record's messages up to the reply to generate: a final assistant message is the reference answer and
+    is left out."""
+    messages = record.data["messages"]
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        messages = chat_messages(record)[:-1]  # checked as training checks it
+        if not messages:
+            raise DataError(f"{record.where}: field 'messages' holds only an assistant reply; nothing to answer")
+        return messages
+    if last is None:
+        raise DataError(f"{record.where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise DataError(f"{record.where}: field 'messages[{i}]' must be an object with a role (system, user or "
+                            "assistant) and string content")
+    return messages
+
+
+def generation_prompt(record: Record, tokenizer, prompt_template="alpaca") -> tuple[str, bool]:
+    """The prompt text and whether the tokenizer must add its BOS, as the sft recipes built it in training:
+    chat {"messages"}: the chat template with the generation prompt (a final assistant message left out);
+    alpaca {"instruction", "input"?}: the Alpaca template, or the chat template with prompt_template="chat";
+    {"input"} (of input/target data): as is, or in the chat template with prompt_template="chat";
+    {"prompt"}: as is, always."""
+    data = record.data
+    if "messages" in data:
+        return render_chat(tokenizer, prompt_messages(record), record.where), False
+    if "instruction" in data:
+        instruction = require_str(record, "instruction")
+        extra = data.get("input", "")
+        if not isinstance(extra, str):
+            raise DataError(f"{record.where}: field 'input' must be a string, got {type(extra).__name__}")
+        if prompt_template == "chat":
+            user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+            return render_chat(tokenizer, [{"role": "user", "content": user}], record.where), False
+        template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=instruction, input=extra), True
+    if "prompt" in data:
+        return require_str(record, "prompt"), True
+    if "input" in data:
+        text = require_str(record, "input", allow_empty=True)
+        if prompt_template == "chat":
+            return render_chat(tokenizer, [{"role": "user", "content": text}], record.where), False
+        return text, True
+    raise DataError(f"{record.where}: no prompt in fields {sorted(data)}; expected chat {{messages}}, alpaca "
+                    "{instruction, input?}, {input} or {prompt}")
+
+
+def reference_answer(record: Record) -> str | None:
+    """The answer a record holds for its prompt (alpaca 'output', 'target', a final assistant message), or None."""
+    data = record.data
+    if "messages" in data:
+        last = data["messages"][-1] if isinstance(data["messages"], list) and data["messages"] else {}
+        return last.get("content") if isinstance(last, dict) and last.get("role") == "assistant" else None
+    for field in ("output", "target"):
+        if isinstance(data.get(field), str):
+            return data[field]
+    return None
+
+
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt: BOS (when the tokenizer adds one) + text, never an EOS (the answer comes next)."""
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    if ids and ids[-1] == tokenizer.eos_token_id and not text.endswith(tokenizer.eos_token or "\0"):
+        ids = ids[:-1]  # tokenizers that append EOS would tell the model the prompt is over before it answered
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def make_generation_config(model, tokenizer, max_new_tokens: int, do_sample=False, temperature=1.0, top_p=1.0,
+                           top_k=50):
+    """The model's own generation config (its EOS ids, say) with these settings; greedy unless do_sample, whatever
+    the checkpoint's defaults say (some ship do_sample=True)."""
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens, config.max_length = max_new_tokens, None
+    config.do_sample = do_sample
+    config.temperature, config.top_p, config.top_k = (temperature, top_p, top_k) if do_sample else (None, None, None)
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+def generate_texts(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, generation_config,
+                   on_batch=None) -> list[str]:
+    """Generated continuations of every prompt (special tokens dropped), in the order of prompt_ids. Prompts are
+    batched by length (longest first, so an out-of-memory shows at once) and left-padded: pads get attention 0 and
+    generate numbers positions from the mask, so a row's output does not depend on its batch mates."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    outputs = [""] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = collate_left_padded([{"input_ids": prompt_ids[i]} for i in rows], tokenizer.pad_token_id)
+        with torch.no_grad():
+            generated = model.generate(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=batch["attention_mask"].to(device),
+                                       generation_config=generation_config)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
+        for row, i in enumerate(rows):
+            outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+        if on_batch:
+            on_batch(min(start + batch_size, len(order)), len(order))
+    return outputs
