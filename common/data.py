@@ -330,6 +330,54 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     return batches[rank::world_size]
 
 
+def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
+    """Concatenate examples into rows of at most pack_len tokens (best fit, longest first), each row keeping its
+    examples' labels and lengths (`segments`) so collate_packed can keep them apart. Deterministic."""
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted: the tightest row that fits is found by bisect
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (room - n, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (pack_len - n, len(rows) - 1))
+    return [{"input_ids": [t for i in row for t in examples[i]["input_ids"]],
+             "labels": [t for i in row for t in examples[i]["labels"]],
+             "segments": [len(examples[i]["input_ids"]) for i in row]} for row in rows]
+
+
+def collate_packed(rows: list[dict], pad_id: int, attention: str = "sdpa") -> dict:
+    """Left-pad packed rows (pack_examples) so that each packed example computes exactly what it computes alone:
+    position ids restart at every example, and with sdpa/eager a block-diagonal causal mask (B, 1, L, L) keeps
+    examples from attending to each other. flash_attention_2 needs no mask: it reads the example boundaries from
+    the restarting position ids."""
+    batch = collate_left_padded(rows, pad_id)
+    width = batch["input_ids"].shape[1]
+    segment_id = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    for r, row in enumerate(rows):
+        start = width - sum(row["segments"])
+        for s, n in enumerate(row["segments"]):
+            segment_id[r, start:start + n] = s
+            batch["position_ids"][r, start:start + n] = torch.arange(n)
+            start += n
+    if attention == "flash_attention_2":
+        del batch["attention_mask"]
+        return batch
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment_id[:, :, None] == segment_id[:, None, :]
+    mask = causal & same & (segment_id[:, :, None] >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)  # a pad attends to itself: no row is all -inf (nan in softmax)
+    batch["attention_mask"] = mask.unsqueeze(1)
+    return batch
+
+
 def padding_efficiency(batches: list[list[int]], lengths: list[int]) -> float:
     """Real tokens over tokens computed (real + pad) for a batch plan."""
     real = sum(lengths[i] for b in batches for i in b)

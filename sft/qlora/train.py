@@ -22,7 +22,8 @@ import torch
 from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
                                save_checkpoint)
 from common.config import config_to_dict, exit_on_user_error, parse_config
-from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
+from common.data import (build_sft_examples, collate_left_padded, collate_packed, pack_examples, padding_efficiency,
+                         plan_batches, read_records)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
 from common.model import (add_lora, count_parameters, load_model, load_tokenizer, prepare_for_lora_training,
@@ -52,6 +53,7 @@ class Config:
     max_seq_len: int = 1024  # longer examples lose prompt tokens from the left first, then answer tokens
     truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    packing: bool = False  # concatenate examples into rows of max_seq_len, kept apart by masks (best with FA2 on GPU)
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -106,6 +108,8 @@ def main(cfg: Config) -> dict:
     build = lambda path: build_sft_examples(read_records(path), tokenizer, cfg.max_seq_len, cfg.prompt_template,  # noqa: E731
                                             cfg.train_on_prompt, cfg.truncation)
     train_examples, train_stats = build(cfg.data_path)
+    if cfg.packing:  # each row holds several examples; position ids and a block mask keep them independent
+        train_examples = pack_examples(train_examples, cfg.max_seq_len)
     eval_examples, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
     lengths = [len(e["input_ids"]) for e in train_examples]
     plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
@@ -153,7 +157,7 @@ def main(cfg: Config) -> dict:
     if eval_stats:
         log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
     log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks = {cfg.batch_size * cfg.grad_accum * rt.world_size} examples/step | "
+             f"{rt.world_size} ranks = {cfg.batch_size * cfg.grad_accum * rt.world_size} {'packed rows' if cfg.packing else 'examples'}/step | "
              f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
              f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
@@ -173,13 +177,17 @@ def main(cfg: Config) -> dict:
     model.train()
     train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
+    attn = model.config._attn_implementation
+    collate = (lambda rows: collate_packed(rows, tokenizer.pad_token_id, attn)) if cfg.packing else (  # noqa: E731
+        lambda rows: collate_left_padded(rows, tokenizer.pad_token_id))
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
-        chunk = [collate_left_padded([train_examples[i] for i in next(stream)], tokenizer.pad_token_id)
-                 for _ in range(cfg.grad_accum)]
+        chunk_idx = [next(stream) for _ in range(cfg.grad_accum)]
+        chunk = [collate([train_examples[i] for i in idx]) for idx in chunk_idx]
         # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
         n_trained, n_tokens, n_computed = all_reduce_sum([sum(count_trained_tokens(b["labels"]) for b in chunk),
-                                                          sum(int(b["attention_mask"].sum()) for b in chunk),
+                                                          sum(len(train_examples[i]["input_ids"]) for idx in chunk_idx
+                                                              for i in idx),
                                                           sum(b["input_ids"].numel() for b in chunk)], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):

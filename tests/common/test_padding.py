@@ -45,3 +45,32 @@ def test_greedy_generation_of_padded_batch_equals_each_prompt_alone(tiny_model, 
             ids = torch.tensor([row["input_ids"]])
             alone = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             assert together[r, width:].tolist() == alone[0, ids.shape[1]:].tolist()
+
+
+def test_packed_rows_compute_each_example_as_if_alone(tiny_model, tokenizer):
+    """pack_examples + collate_packed: several examples in one row, position ids restarting and a block-diagonal
+    mask, give every example the logits it has alone; labels and trained-token counts are unchanged."""
+    from common.data import build_sft_examples, collate_packed, pack_examples, read_records
+    from common.losses import count_trained_tokens
+    from tests.conftest import REPO
+
+    examples, _ = build_sft_examples(read_records(REPO / "data" / "sft" / "train.jsonl"), tokenizer, 1024)
+    examples = examples[:7]
+    rows = pack_examples(examples, 200)
+    assert sorted(n for r in rows for n in r["segments"]) == sorted(len(e["input_ids"]) for e in examples)
+    assert all(sum(r["segments"]) <= 200 for r in rows) and len(rows) < len(examples)
+    batch = collate_packed(rows, tokenizer.pad_token_id)
+    assert count_trained_tokens(batch["labels"]) == sum(count_trained_tokens(torch.tensor([e["labels"]])) for e in examples)
+    with torch.no_grad():
+        packed = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"]).logits
+    width = batch["input_ids"].shape[1]
+    for r, row in enumerate(rows):
+        start = width - sum(row["segments"])
+        for n in row["segments"]:
+            ids = batch["input_ids"][r, start:start + n]
+            with torch.no_grad():
+                alone = tiny_model(input_ids=ids[None]).logits[0]
+            torch.testing.assert_close(packed[r, start:start + n], alone, atol=1e-4, rtol=0)
+            assert batch["position_ids"][r, start:start + n].tolist() == list(range(n))
+            start += n
