@@ -10,9 +10,18 @@ from common.data import IGNORE_INDEX
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over positions whose label is not -100 (logits[t] predicts labels[t+1]).
 
-    The labels are shifted rather than the logits: slicing logits would copy the largest tensor of the step."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    The labels are shifted rather than the logits: slicing logits would copy the largest tensor of the step.
+    logits may cover only the last positions of the rows (the model run with logits_to_keep=loss_window(labels))."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - logits.shape[1]:]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def loss_window(labels: torch.Tensor) -> int:
+    """How many final positions of the rows predict a trained token: the LM head and the loss are needed only
+    there (pass it as the model's logits_to_keep). With left padding and the answer last, that is the longest
+    answer, not the whole row: prompt positions cost no vocabulary-sized logits (for a 128k vocabulary, gigabytes)."""
+    columns = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return labels.shape[1] - int(columns[0]) if len(columns) else 1
 
 
 def count_trained_tokens(labels: torch.Tensor) -> int:

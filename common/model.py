@@ -203,8 +203,8 @@ class PooledClassifier(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # under peft
-        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids).last_hidden_state
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # no KV cache: nothing will be generated
         return inner.score(pool_hidden(hidden, attention_mask, self.pooling))
 
 

@@ -26,7 +26,7 @@ from common.data import build_sft_examples, collate_left_padded, padding_efficie
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
+from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import load_model, load_tokenizer, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
@@ -86,7 +86,8 @@ def evaluate(engine, batches, examples, pad_id, rt) -> float:
         for idx, counted in batches:
             batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
             labels = batch.pop("labels")
-            loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels).item()
+            logits = engine(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            loss = token_loss_sum(logits, labels).item()
             if counted:
                 loss_sum, n_tokens = loss_sum + loss, n_tokens + count_trained_tokens(labels)
     engine.train()
@@ -231,7 +232,9 @@ def main(cfg: Config) -> dict:
         for batch in chunk:
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
+            # logits only where a trained token is predicted (the answers), not over the prompts
+            logits = engine(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            micro_loss = token_loss_sum(logits, labels)
             step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
             # The loss is already a share of the step's mean, so undo both of DeepSpeed's own divisions:
             # scale_wrt_gas=False stops backward() dividing by grad_accum, and the gradient reduction averages over

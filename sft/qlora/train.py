@@ -25,7 +25,7 @@ from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import (build_sft_examples, collate_left_padded, collate_packed, pack_examples, padding_efficiency,
                          plan_batches, read_records)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
+from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import (add_lora, count_parameters, load_model, load_tokenizer, prepare_for_lora_training,
                           resolve_model_path)
 from common.optim import make_optimizer, warmup_cosine
@@ -85,7 +85,8 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
         for idx in batches:
             batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
             labels = batch.pop("labels")
-            loss_sum += token_loss_sum(model(**batch).logits, labels).item()
+            logits = model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            loss_sum += token_loss_sum(logits, labels).item()
             n_tokens += count_trained_tokens(labels)
     model.train()
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
@@ -195,7 +196,9 @@ def main(cfg: Config) -> dict:
             labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                micro_loss = token_loss_sum(train_model(**batch).logits, labels)
+                # logits only where a trained token is predicted (the answers), not over the prompts
+                logits = train_model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+                micro_loss = token_loss_sum(logits, labels)
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
             (micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.item()

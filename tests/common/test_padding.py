@@ -1,5 +1,6 @@
 """Left padding must not change what the model computes for a row: logits and greedy generations of a padded batch
 equal those of each row alone."""
+import pytest
 import torch
 
 from common.data import collate_left_padded
@@ -74,3 +75,30 @@ def test_packed_rows_compute_each_example_as_if_alone(tiny_model, tokenizer):
             torch.testing.assert_close(packed[r, start:start + n], alone, atol=1e-4, rtol=0)
             assert batch["position_ids"][r, start:start + n].tolist() == list(range(n))
             start += n
+
+
+def test_logits_only_over_the_answers_give_the_same_loss_and_gradients(tiny_dir, tokenizer):
+    """loss_window + logits_to_keep: the LM head runs only where a trained token is predicted; the loss and every
+    gradient equal those of the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from common.data import build_sft_examples, read_records
+    from common.losses import loss_window, token_loss_sum
+    from tests.conftest import REPO
+
+    examples, _ = build_sft_examples(read_records(REPO / "data" / "sft" / "train.jsonl"), tokenizer, 1024)
+    batch = collate_left_padded(examples[:4], tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    window = loss_window(labels)
+    assert 1 < window < labels.shape[1]  # the prompts are left out
+    results = []
+    for keep in (0, window):  # 0: every position's logits
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+        assert logits.shape[1] == (keep or labels.shape[1])
+        loss = token_loss_sum(logits, labels)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
