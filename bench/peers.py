@@ -46,6 +46,7 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a standalone script: make `common` importable
+from common.config import parse_bool  # noqa: E402
 
 FAMILIES = ("sft", "cls", "pretrain")
 # Per family: what the recipe is compared at unless the command line says otherwise (its own defaults where they
@@ -409,14 +410,6 @@ def print_table(family: str, s: dict, table: dict, rounds: int):
               f"{t['final_loss']:.4f} | {ratio} |")
     if family == "pretrain":
         print("useful tokens: 1.000 for every contender by construction (documents packed into full windows, no padding)")
-
-
-def parse_bool(value: str):
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,16 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+def parse_bool(raw: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); a ValueError otherwise (argparse reports it as a bad value)."""
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def convert(name: str, raw: str, tp):
     """Convert the string `raw` for field `name` to type `tp`, or raise ConfigError saying what was expected."""
     tp, optional = _unwrap_optional(tp)
@@ -63,12 +73,7 @@ def convert(name: str, raw: str, tp):
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
-            lowered = raw.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return parse_bool(raw)
         if origin is typing.Literal:
             choices = typing.get_args(tp)
             for choice in choices:

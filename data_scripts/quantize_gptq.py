@@ -15,19 +15,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
-from common.config import UserError, exit_on_user_error  # noqa: E402
+from common.config import UserError, exit_on_user_error, parse_bool  # noqa: E402
 from common.data import read_records  # noqa: E402
 from common.gptq import GPTQ_BITS, SAMPLE_CALIBRATION, quantize_gptq, record_texts  # noqa: E402
 from common.logs import quiet_third_party_logs  # noqa: E402
 from common.model import resolve_model_path  # noqa: E402
-
-
-def parse_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def main(argv=None):

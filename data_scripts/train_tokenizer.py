@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
-from common.config import UserError, exit_on_user_error  # noqa: E402
+from common.config import UserError, exit_on_user_error, parse_bool  # noqa: E402
 from common.data import read_records  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".json")
@@ -102,14 +102,6 @@ def write_corpus(inputs, extra_text_files, path):
         for name in extra_text_files:
             f.write(Path(name).read_text(encoding="utf-8"))
     return n
-
-
-def parse_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
-from common.config import UserError, exit_on_user_error  # noqa: E402
+from common.config import UserError, exit_on_user_error, parse_bool  # noqa: E402
 from common.data import (Record, build_cls_examples, build_sft_examples, collate_left_padded,  # noqa: E402
                          plan_batches, read_records)
 from common.inference import (encode_prompt, generate_texts, generation_prompt, head_info,  # noqa: E402
@@ -36,14 +36,6 @@ from common.inference import (encode_prompt, generate_texts, generation_prompt, 
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 TASKS = ("auto", "sft", "classification", "regression")
-
-
-def parse_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def parse_args(argv=None):
