@@ -97,8 +97,10 @@ def config_help(cls) -> str:
     lines = [f"options of {cls.__module__}.{cls.__name__} (--key=value or --key value):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = str(hints[f.name]).replace("typing.", "")
-        lines.append(f"  --{f.name}={default!r:<24} {tp:<28} {comments.get(f.name, '')}")
+        tp = hints[f.name]
+        tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        option = f"--{f.name}={default!r}"
+        lines.append(f"  {option:<44} {tp:<30} {comments.get(f.name, '')}")
     return "\n".join(lines)
 
 
