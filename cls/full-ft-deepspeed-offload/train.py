@@ -297,12 +297,13 @@ def main(cfg: Config) -> dict:
             targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long,
                                    device=rt.device)
             micro_loss = step_loss_sum(engine(**batch), targets)
-            step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
+            micro_value = micro_loss.item()
+            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
             # mean over the examples of the whole step on all ranks: scale_wrt_gas=False stops DeepSpeed dividing by
             # grad_accum again, and its gradient reduction averages over ranks, hence * world_size
             engine.backward(micro_loss * rt.world_size / n_examples, scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-            loss_sum += micro_loss.item()
+            loss_sum += micro_value
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / n_examples
         dt = time.perf_counter() - t0

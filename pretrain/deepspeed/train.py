@@ -205,11 +205,12 @@ def main(cfg: Config) -> dict:
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
             labels = batch.pop("labels")
             micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
-            step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
+            micro_value = micro_loss.item()
+            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
             # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
-            loss_sum += micro_loss.item()
+            loss_sum += micro_value
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / predicted_per_step
         if rt.device.type == "cuda":

@@ -235,13 +235,14 @@ def main(cfg: Config) -> dict:
             # logits only where a trained token is predicted (the answers), not over the prompts
             logits = engine(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
             micro_loss = token_loss_sum(logits, labels)
-            step_is_finite(step, micro_loss.item(), 0.0, "stop", out)  # before any update of this step
+            micro_value = micro_loss.item()
+            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
             # The loss is already a share of the step's mean, so undo both of DeepSpeed's own divisions:
             # scale_wrt_gas=False stops backward() dividing by grad_accum, and the gradient reduction averages over
             # ranks, so multiplying by world_size makes it the sum over all ranks' tokens.
             engine.backward(micro_loss * rt.world_size / max(n_trained, 1), scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-            loss_sum += micro_loss.item()
+            loss_sum += micro_value
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / max(n_trained, 1)
         dt = time.perf_counter() - t0
