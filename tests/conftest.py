@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,13 @@ def load_recipe(folder: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a .jsonl file (predictions.jsonl, a data file), blank lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(out) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return read_jsonl(Path(out) / "metrics.jsonl")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
 RECIPE = REPO / "cls" / "full-ft-deepspeed-offload"
 DATA = REPO / "data" / "cls"
@@ -19,9 +19,6 @@ LABELS = ["negative", "neutral", "positive"]
 # DeepSpeedCPUAdam is compiled with gcc on first use (60-90 s); share the build with run.sh's default location
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_main(out, *args):

@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
 RECIPE = REPO / "cls" / "peft-int4"
 DATA = REPO / "data" / "cls"
 cls_peft_int4 = load_recipe(RECIPE)
 LABELS = ["negative", "neutral", "positive"]
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

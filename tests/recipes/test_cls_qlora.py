@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
 RECIPE = REPO / "cls" / "qlora"
 DATA = REPO / "data" / "cls"
 cls_qlora = load_recipe(RECIPE)
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def test_classification_run_sh_beats_majority_and_matches_sklearn(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import zstandard
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
 RECIPES = sorted(p.parent for kind in ("sft", "cls", "pretrain") for p in (REPO / kind).glob("*/run.sh"))
 IDS = [str(p.relative_to(REPO)) for p in RECIPES]
@@ -61,9 +61,6 @@ def write_jsonl_zst(path, records):
     path.write_bytes(zstandard.ZstdCompressor().compress(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()))
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def user_files(recipe, tmp_path):

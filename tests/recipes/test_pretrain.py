@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
 DEEPSPEED, FSDP = REPO / "pretrain" / "deepspeed", REPO / "pretrain" / "fsdp"
 SHARDS = REPO / "data" / "pretrain" / "shards"
@@ -20,9 +20,6 @@ pretrain_ds, pretrain_fsdp = load_recipe(DEEPSPEED), load_recipe(FSDP)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 FAST = ["--report_to=none", "--log_every=1", "--warmup_steps=2"]
 
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_main(recipe, out, *args):

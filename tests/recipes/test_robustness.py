@@ -12,16 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 SFT_QLORA = REPO / "sft" / "qlora"
 sft_qlora = load_recipe(SFT_QLORA)
 pretrain_ds = load_recipe(REPO / "pretrain" / "deepspeed")
 
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_main(recipe, out, *args):

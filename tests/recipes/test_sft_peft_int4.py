@@ -4,12 +4,11 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
 RECIPE = REPO / "sft" / "peft-int4"
 QUANTIZE = REPO / "data_scripts" / "quantize_gptq.py"
@@ -17,9 +16,6 @@ sft_peft_int4 = load_recipe(RECIPE)
 
 FAST = ["--report_to=none", "--batch_size=8", "--grad_accum=1", "--lr=1e-3", "--log_every=1"]
 
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_main(out, *args):

@@ -3,21 +3,17 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, run_script
+from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
 RECIPE = REPO / "sft" / "qlora"
 sft_qlora = load_recipe(RECIPE)
 
 FAST = ["--report_to=none", "--batch_size=8", "--grad_accum=1", "--lr=1e-3", "--log_every=1"]
 
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_main(out, *args):
