@@ -159,15 +159,20 @@ def timed_train(trainer, counter) -> dict:
 # sft: sft/qlora vs Trainer + peft vs TRL SFTTrainer
 
 
-def sft_ours(s, out):
-    train = import_recipe("sft/qlora")
-    cfg = train.parse_config(train.Config, [
+def lora_recipe_args(s, out) -> list[str]:
+    """The command line of sft/qlora or cls/qlora for the shared settings: no eval, no accumulation, plain AdamW."""
+    return [
         f"--model_path={s.model_path}", f"--data_path={s.data_path}", "--eval_data_path=", f"--output_dir={out}",
         f"--max_steps={s.steps}", f"--batch_size={s.batch_size}", "--grad_accum=1", f"--lora_r={s.lora_r}",
         f"--lora_alpha={s.lora_alpha}", f"--lora_dropout={LORA_DROPOUT}", f"--max_seq_len={s.seq_len}",
         f"--lr={s.lr}", f"--warmup_ratio={s.warmup_ratio}", f"--max_grad_norm={s.max_grad_norm}", "--optim=adamw",
         f"--seed={SEED}", "--report_to=none", f"--log_every={s.steps}",
-        f"--gradient_checkpointing={s.gradient_checkpointing}"])
+        f"--gradient_checkpointing={s.gradient_checkpointing}"]
+
+
+def sft_ours(s, out):
+    train = import_recipe("sft/qlora")
+    cfg = train.parse_config(train.Config, lora_recipe_args(s, out))
     r = train.main(cfg)
     return {"train_seconds": r["train_seconds"], "tokens": r["tokens"], "tokens_computed": r["tokens_computed"],
             "final_loss": r["losses"][-1], "steps": r["steps"]}
@@ -220,13 +225,7 @@ def cls_ours(s, out):
     train = import_recipe("cls/qlora")
     counter = TokenCounter(train.collate_left_padded)  # the recipe's own batches, counted as they are built
     train.collate_left_padded = counter
-    cfg = train.parse_config(train.Config, [
-        f"--model_path={s.model_path}", f"--data_path={s.data_path}", "--eval_data_path=", f"--output_dir={out}",
-        f"--max_steps={s.steps}", f"--batch_size={s.batch_size}", "--grad_accum=1", f"--lora_r={s.lora_r}",
-        f"--lora_alpha={s.lora_alpha}", f"--lora_dropout={LORA_DROPOUT}", f"--max_seq_len={s.seq_len}",
-        f"--lr={s.lr}", f"--warmup_ratio={s.warmup_ratio}", f"--max_grad_norm={s.max_grad_norm}", "--optim=adamw",
-        f"--seed={SEED}", "--report_to=none", f"--log_every={s.steps}",
-        f"--gradient_checkpointing={s.gradient_checkpointing}"])
+    cfg = train.parse_config(train.Config, lora_recipe_args(s, out))
     r = train.main(cfg)
     if counter.real != r["tokens"]:  # the recipe's own count and ours must agree, or the fraction means nothing
         raise RuntimeError(f"cls/qlora counted {r['tokens']} tokens, the collate counter {counter.real}")
