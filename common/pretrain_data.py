@@ -120,14 +120,15 @@ class TextSource:
     def windows(self, seq_len: int, slot: int, n_slots: int, seed: int, loop=True) -> Iterator[np.ndarray]:
         """This slot's windows: its documents packed end to end, across epochs when loop (else one epoch)."""
         buffer: list[int] = []
-        epoch = 0
         while True:
             for text in slot_documents(self.shards, slot, n_slots, self.text_field):
                 buffer += encode_document(self.tokenizer, text)
-                while len(buffer) >= seq_len:
-                    yield np.asarray(buffer[:seq_len], dtype=np.int64)
-                    buffer = buffer[seq_len - 1:]
-            epoch += 1
+                # cut windows at a moving offset: re-slicing the buffer per window is quadratic in a long document
+                start = 0
+                while len(buffer) - start >= seq_len:
+                    yield np.asarray(buffer[start:start + seq_len], dtype=np.int64)
+                    start += seq_len - 1
+                del buffer[:start]
             if not loop:
                 return
 
@@ -209,10 +210,10 @@ def make_batch(windows: list[np.ndarray], eos_id: int, document_mask: str = "non
         batch["position_ids"] = torch.arange(length).expand_as(input_ids).clone()
         return batch
     docs = document_ids(input_ids, eos_id)
-    starts = torch.zeros_like(docs)  # index of each position's document start
     is_start = torch.ones_like(docs, dtype=torch.bool)
     is_start[:, 1:] = docs[:, 1:] != docs[:, :-1]
     positions = torch.arange(length).expand_as(docs)
+    # each position's document start
     starts = torch.where(is_start, positions, torch.zeros_like(positions)).cummax(1).values
     batch["position_ids"] = positions - starts
     if document_mask == "sdpa":
