@@ -257,8 +257,21 @@ def packed_loader(source, seq_len: int, batch_size: int, rank: int, world_size: 
     """A DataLoader over PackedBatches: num_workers processes tokenize ahead (0: in the training process)."""
     dataset = PackedBatches(source, seq_len, batch_size, rank, world_size, num_workers, seed, document_mask,
                             start_batch, loop)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    return batches_with_plain_errors(loader)
+
+
+def batches_with_plain_errors(loader):
+    """The loader's batches; a bad record met in a worker process is raised again as its own one-line error (the
+    DataLoader folds the worker's traceback into the message: "Caught DataError in DataLoader worker ...")."""
+    try:
+        yield from loader
+    except UserError as e:
+        message = str(e)
+        if not message.startswith("Caught "):
+            raise
+        raise type(e)(message.strip().splitlines()[-1].split(": ", 1)[-1]) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -141,6 +141,16 @@ def test_bad_training_data_is_one_line_through_run_sh(tmp_path, content, needle)
     assert last.startswith(f"error: {bad}") and needle in last, last
 
 
+def test_bad_pretraining_record_read_by_a_loader_worker_is_one_line(tmp_path):
+    bad = tmp_path / "shard.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken", \n')
+    proc = run_script(REPO / "pretrain" / "deepspeed" / "run.sh", f"--data_path={bad}", "--num_workers=1",
+                      f"--output_dir={tmp_path / 'out'}", "--max_steps=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {bad}:2: expected a JSON object with a string field "
+                                                    "'text' (JSONDecodeError)")
+
+
 def test_bad_model_paths_and_long_samples(tmp_path):
     not_causal = tmp_path / "bert"
     not_causal.mkdir()
