@@ -1,9 +1,10 @@
 """Host memory of loading a checkpoint in 4-bit: how far under the full-precision size does loading stay?
 
-    python bench/load_memory.py                          # a 158M-parameter random Llama (605 MB in fp32), nf4 and none
+    python bench/load_memory.py                          # a 158M-parameter random Llama (605 MB in fp32)
     python bench/load_memory.py --model_path=/models/llama-7b --quantization=nf4
 
-Each load runs in its own process (common.model.load_model, the recipes' path) while a thread samples the
+Each load runs in its own process (common.model.load_model, the recipes' from_pretrained path, or
+common/quant_load.py's layer-by-layer 4-bit load) while a thread samples the
 process's anonymous resident memory (RssAnon) every 5 ms: memory that is really taken. The weights are
 memory-mapped from the safetensors files, so the kernel's ru_maxrss also counts file pages that can be dropped at
 any moment; both are printed. A table: checkpoint size, peak anonymous memory added by loading, what stays after.
@@ -23,6 +24,7 @@ sys.path.insert(0, sys.argv[3])
 from pathlib import Path
 import bitsandbytes, peft, torch, transformers  # imported before the baseline: their memory is not the model's
 from common.model import load_model
+from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
 
 def anon_mb():
     for line in open("/proc/self/status"):
@@ -38,7 +40,11 @@ def sample():
 base = anon_mb()
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
-model = load_model(Path(sys.argv[1]), sys.argv[2])
+if sys.argv[2] == "nf4-layerwise":  # common/quant_load.py: meta model, one layer read and quantized at a time
+    model = build_4bit_model_on_meta(Path(sys.argv[1]), torch.float32)
+    load_4bit_weights(model, Path(sys.argv[1]), torch.device("cpu"))
+else:  # the recipes' from_pretrained path
+    model = load_model(Path(sys.argv[1]), sys.argv[2])
 done.append(1)
 thread.join()
 print(json.dumps({"anon_base_mb": base, "anon_peak_mb": max(peak[0], anon_mb()), "anon_after_mb": anon_mb(),
@@ -78,7 +84,8 @@ def measure(model_dir: Path, quantization: str) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default="", help="a local checkpoint; default: a 158M random Llama made here")
-    p.add_argument("--quantization", default="nf4,none", help="comma-separated: nf4, int8, none")
+    p.add_argument("--quantization", default="nf4-layerwise,nf4,none",
+                   help="comma-separated: nf4-layerwise (common/quant_load.py), nf4, int8, none (from_pretrained)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_path) if args.model_path else make_mid_llama(Path(tmp) / "mid-llama")

@@ -1,0 +1,285 @@
+"""QLoRA supervised fine-tuning sharded with PyTorch FSDP2 (`fully_shard`) under torchrun: the frozen NF4 base and the
+LoRA adapters are split over the GPUs, so a 65B model trains on two 24 GB cards with every GPU computing at once
+(the layer split of sft/qlora's --device_map=auto fits the same model but keeps one GPU busy at a time).
+
+Default run, no GPU, no download (tiny random-init Llama, bundled sample data, 2 CPU processes over gloo), about a minute:
+    cd sft/fsdp-qlora && bash run.sh
+65B on two 24 GB GPUs:
+    NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --max_seq_len=512 --batch_size=1 --grad_accum=16
+    (add --cpu_offload=true to keep the shards and optimizer in host RAM: slower, frees GPU memory for longer sequences)
+The model is built on the meta device and each decoder layer is read, quantized to NF4 on its GPU and sharded before
+the next (common/quant_load.py): host RAM holds one layer at a time, and no GPU ever holds the whole 4-bit model.
+The packed 4-bit bytes are stored as the compute dtype (bf16 on GPU) so FSDP can shard and gather them untouched.
+Writes output_dir/: final/ (adapter + tokenizer, the same files as sft/qlora), config.json, metrics.jsonl, loss.png,
+checkpoints/ (torch.distributed.checkpoint: adapters and optimizer only, sharded).
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
+                               save_sharded_checkpoint)
+from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
+from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
+from common.model import add_lora, count_parameters, load_tokenizer, prepare_for_lora_training, resolve_model_path
+from common.optim import warmup_cosine, weight_decay_groups
+from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
+                            stop_requested, training_dtype)
+
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
+
+
+@dataclass
+class Config:
+    # model
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face folder with *.safetensors
+    gradient_checkpointing: bool = True  # must stay on: bitsandbytes 4-bit layers under FSDP2 compute a wrong 2nd step without it
+    reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (least memory)
+    cpu_offload: bool = False  # shards, gradients and optimizer states in host RAM, the step on CPU (GPU runs only)
+    lora_r: int = 64  # adapter rank (QLoRA paper: 64)
+    lora_alpha: int = 16  # adapter scale is alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
+    # data
+    data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records
+    eval_data_path: str = str(SAMPLE_DATA / "eval.jsonl")  # held-out records; '' for none
+    prompt_template: Literal["alpaca", "chat"] = "alpaca"  # chat: the tokenizer's chat template for every record
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+    max_seq_len: int = 1024  # longer examples lose prompt tokens from the left first, then answer tokens
+    truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
+    group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    # optimization
+    epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 4  # examples per micro-batch per GPU
+    grad_accum: int = 2  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
+    warmup_ratio: float = 0.03  # fraction of steps with linear warmup, then cosine decay to 10%
+    max_grad_norm: float = 0.3  # gradient clipping (QLoRA paper: 0.3)
+    seed: int = 42  # seeds LoRA init, dropout and data order
+    # output, logging, checkpoints
+    output_dir: str = "./out"  # everything this run writes
+    log_every: int = 1  # steps between step-log lines
+    eval_every: int = 0  # steps between evals; 0: only before training and at the end
+    save_every: int = 0  # steps between checkpoints for --resume; 0: none
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
+    on_nan: Literal["stop", "skip"] = "stop"  # a nan/inf loss or gradient: stop before updating, or skip the step
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+
+
+def evaluate(model, batches, examples, pad_id, rt) -> float:
+    """Mean loss per trained token over the eval batches of all ranks; batches: [(example indices, counted)]."""
+    model.eval()
+    loss_sum, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for idx, counted in batches:
+            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            labels = batch.pop("labels")
+            loss = token_loss_sum(model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits, labels)
+            if counted:
+                loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + count_trained_tokens(labels)
+    model.train()
+    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+    return loss_sum / max(n_tokens, 1)
+
+
+def main(cfg: Config) -> dict:
+    # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if not cfg.gradient_checkpointing:
+        raise ConfigError("--gradient_checkpointing=false: 4-bit bitsandbytes layers under FSDP2 give wrong results "
+                          "from the second step without it (measured); keep it on")
+    quiet_third_party_logs()
+    set_single_process_env()
+    rt = setup_runtime(cfg.seed)
+    if cfg.cpu_offload and rt.device.type != "cuda":
+        raise ConfigError("--cpu_offload=true: offloads GPU memory to the host; on CPU there is nothing to offload")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+    out = Path(cfg.output_dir)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
+    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
+    dtype = training_dtype(rt.device)
+
+    # ---- tokenizer and data (the same examples as sft/qlora)
+    model_dir = resolve_model_path(cfg.model_path)
+    tokenizer = load_tokenizer(model_dir)
+    build = lambda path: build_sft_examples(read_records(path), tokenizer, cfg.max_seq_len, cfg.prompt_template,  # noqa: E731
+                                            cfg.train_on_prompt, cfg.truncation)
+    train_examples, train_stats = build(cfg.data_path)
+    eval_examples, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
+                                      rt.rank, rt.world_size)  # as many batches on every rank
+    batches_per_epoch = len(plan(0))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    # every forward gathers weights from all ranks, so all ranks run as many: a rank short of a batch runs its
+    # first one again without counting it
+    all_eval = plan_batches([len(e["input_ids"]) for e in eval_examples], cfg.batch_size, 0, 0, True) if eval_examples else []
+    eval_batches = [(idx, True) for idx in all_eval[rt.rank::rt.world_size]]
+    if all_eval:
+        eval_batches += [(all_eval[0], False)] * (math.ceil(len(all_eval) / rt.world_size) - len(eval_batches))
+
+    # ---- model: NF4 base and LoRA built on the meta device; then, layer by layer, weights read, quantized onto this
+    # rank's device and sharded with fully_shard before the next layer; last the root (embeddings, norm, head)
+    model = build_4bit_model_on_meta(model_dir, dtype, storage_dtype=dtype)  # 4-bit bytes stored as FSDP's dtype
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_for_lora_training(model, quantized=True, gradient_checkpointing=True)
+    model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model.peft_config["default"].base_model_name_or_path = str(model_dir)
+    # bf16 gathers for compute (the packed 4-bit bytes are bf16 already, so no cast touches them), fp32 gradient reduce
+    shard = lambda module: fully_shard(  # noqa: E731
+        module, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+        reshard_after_forward=cfg.reshard_after_forward)
+    load_4bit_weights(model, model_dir, rt.device, on_layer=shard, seed=cfg.seed)
+    shard(model)
+    trainable, total = count_parameters(model)
+
+    # ---- optimizer (torch AdamW over this rank's shard of the adapters) and schedule
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  fused=rt.device.type == "cuda" and not cfg.cpu_offload)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps)))
+    adapters_only = StateDictOptions(ignore_frozen_params=True)  # checkpoints hold adapters + optimizer, not the base
+    start_step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer, options=adapters_only)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(ckpt))  # each rank reads its own shards
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(ignore_frozen_params=True, strict=False))
+            trainer_state = load_sharded_trainer_state(ckpt)  # step, RNG
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            start_step = trainer_state["step"]
+            log.info(f"resumed from {ckpt} at step {start_step}")
+
+    log.total_steps = total_steps
+    log.info(f"model    {cfg.model_path} ({model_dir}) | nf4 base (stored as {dtype}) + LoRA r={cfg.lora_r} on "
+             f"{','.join(cfg.lora_target_modules)} | trainable {trainable:,} / {total:,} params "
+             f"({100 * trainable / total:.2f}%) | {dtype} compute, activation checkpointing on")
+    log.info(f"fsdp     fully_shard on {model.config.num_hidden_layers} layers + root over {rt.world_size} rank(s), "
+             f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'}, "
+             f"cpu offload {'on' if cfg.cpu_offload else 'off'} | loaded layer by layer from the meta device")
+    log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
+    if eval_stats:
+        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
+    log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+             f"{rt.world_size} ranks = {cfg.batch_size * cfg.grad_accum * rt.world_size} examples/step | "
+             f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
+             f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
+
+    # ---- training loop
+    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
+        epoch = 0
+        while True:
+            yield from plan(epoch)
+            epoch += 1
+
+    stream = micro_batches()
+    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
+        next(stream)
+    if eval_examples and start_step == 0:
+        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt)})
+    model.train()
+    train_seconds, tokens_seen, losses = 0.0, 0, []
+    stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        chunk_idx = [next(stream) for _ in range(cfg.grad_accum)]
+        chunk = [collate_left_padded([train_examples[i] for i in idx], tokenizer.pad_token_id) for idx in chunk_idx]
+        # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
+        n_trained, n_tokens = all_reduce_sum([sum(count_trained_tokens(b["labels"]) for b in chunk),
+                                              sum(len(train_examples[i]["input_ids"]) for idx in chunk_idx for i in idx)], rt)
+        loss_sum = 0.0
+        for i, batch in enumerate(chunk):
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            model.set_requires_gradient_sync(i == len(chunk) - 1)  # reduce-scatter once per step
+            logits = model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            micro_loss = token_loss_sum(logits, labels)
+            # the reduce-scatter averages gradients over ranks: scale by world_size to sum all ranks' tokens
+            (micro_loss * rt.world_size / max(n_trained, 1)).backward()
+            loss_sum += micro_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        loss = loss_sum / max(n_trained, 1)
+        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += int(n_tokens)
+        losses.append(loss)
+        log.advance()
+        if step % cfg.log_every == 0 or step == total_steps:
+            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "tokens_per_s": n_tokens / dt, "tokens_per_s_per_gpu": n_tokens / dt / rt.world_size,
+                           "mem_gb": peak_memory_gb(rt.device)})
+        if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
+            log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt)})
+        preempted = stop_requested(stop, rt)
+        if cfg.save_every > 0 and step % cfg.save_every == 0 or preempted:
+            model_state, optim_state = get_state_dict(model, optimizer, options=adapters_only)
+            path = save_sharded_checkpoint(out, step, cfg.keep_last, lambda tmp: dcp.save(
+                {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp)),
+                extra={"scheduler": scheduler.state_dict()})
+            log.info(f"saved checkpoint {path}")
+        if preempted:
+            log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
+                     f"{path or latest_checkpoint(out)}; continue with --resume")
+            break
+
+    stop.restore()
+    if preempted:
+        log.close()
+        cleanup(rt)
+        return {"preempted": True, "losses": losses, "steps": step - start_step}
+
+    # ---- save: the adapters gathered to rank 0 (the 4-bit base stays where it is), as sft/qlora writes them
+    final_dir = out / "final"
+    adapters = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
+    if rt.is_main:
+        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=adapters), tokenizer.save_pretrained(d)))
+    eval_loss = None
+    if eval_examples:
+        eval_loss = evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt)
+        log.log(total_steps, {"eval_loss": eval_loss})
+    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    log.info(f"adapter and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
+    log.info(f"use it: python tools/merge_lora.py --base={cfg.model_path} --adapter={final_dir} --out=merged")
+    log.close()
+    cleanup(rt)
+    return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
+            "train_seconds": train_seconds, "tokens": tokens_seen, "steps": total_steps - start_step}
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main(parse_config(Config))
