@@ -68,3 +68,17 @@ def test_loading_in_4bit_peaks_far_below_the_fp32_size(tmp_path):
     assert 550 < result["checkpoint_mb"] < 650
     assert result["added_peak_mb"] < 0.25 * result["checkpoint_mb"], result
     assert result["added_after_mb"] < 0.15 * result["checkpoint_mb"], result
+
+
+def test_the_storage_dtype_changes_the_container_not_the_4bit_bytes(tiny_dir):
+    """FSDP shards a parameter as its dtype: the packed NF4 bytes stored as bf16 (the GPU compute dtype) are the very
+    bytes of the uint8 layout, so a bf16 gather moves them untouched."""
+    from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
+
+    weights = {}
+    for storage in (torch.uint8, torch.bfloat16):
+        model = build_4bit_model_on_meta(tiny_dir, torch.bfloat16, storage)
+        load_4bit_weights(model, tiny_dir, torch.device("cpu"))
+        weights[storage] = model.model.layers[0].mlp.up_proj.weight
+    assert weights[torch.bfloat16].dtype == torch.bfloat16
+    assert torch.equal(weights[torch.bfloat16].data.view(torch.uint8).flatten(), weights[torch.uint8].data.flatten())
