@@ -60,9 +60,13 @@ def build_4bit_model_on_meta(model_dir: Path, compute_dtype: torch.dtype, storag
                 if type(linear) is not torch.nn.Linear:
                     continue
                 parent, attr = layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-                setattr(parent, attr, bnb.nn.Linear4bit(
+                quantized = bnb.nn.Linear4bit(
                     linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                    compress_statistics=True, quant_type="nf4", quant_storage=storage_dtype, device="meta"))
+                    compress_statistics=True, quant_type="nf4", quant_storage=storage_dtype, device="meta")
+                # no CPU inference repack: it rewrites the weights at the first no-grad forward (an eval), and
+                # training after it is wrong (see common.model.disable_bnb_cpu_inference_repack)
+                quantized.support_avx512bf16_for_cpu = False
+                setattr(parent, attr, quantized)
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit with its 4-bit LoRA layer
     model.config.pad_token_id = config.pad_token_id
     return model

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from common.config import ConfigError, config_to_dict, exit_on_user_error, parse
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
-from common.model import add_lora, count_parameters, load_tokenizer, prepare_for_lora_training, resolve_model_path
+from common.model import add_lora, load_tokenizer, prepare_for_lora_training, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
@@ -41,7 +41,7 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 class Config:
     # model
     model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face folder with *.safetensors
-    gradient_checkpointing: bool = True  # must stay on: bitsandbytes 4-bit layers under FSDP2 compute a wrong 2nd step without it
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
     reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (least memory)
     cpu_offload: bool = False  # shards, gradients and optimizer states in host RAM, the step on CPU (GPU runs only)
     lora_r: int = 64  # adapter rank (QLoRA paper: 64)
@@ -100,9 +100,6 @@ def main(cfg: Config) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if not cfg.gradient_checkpointing:
-        raise ConfigError("--gradient_checkpointing=false: 4-bit bitsandbytes layers under FSDP2 give wrong results "
-                          "from the second step without it (measured); keep it on")
     quiet_third_party_logs()
     set_single_process_env()
     rt = setup_runtime(cfg.seed)
@@ -138,9 +135,12 @@ def main(cfg: Config) -> dict:
     # rank's device and sharded with fully_shard before the next layer; last the root (embeddings, norm, head)
     model = build_4bit_model_on_meta(model_dir, dtype, storage_dtype=dtype)  # 4-bit bytes stored as FSDP's dtype
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = prepare_for_lora_training(model, quantized=True, gradient_checkpointing=True)
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
+    model = prepare_for_lora_training(model, quantized=True, gradient_checkpointing=checkpointing)
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.peft_config["default"].base_model_name_or_path = str(model_dir)
+    # counted on meta, where a 4-bit weight still has its full shape
+    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
     # bf16 gathers for compute (the packed 4-bit bytes are bf16 already, so no cast touches them), fp32 gradient reduce
     shard = lambda module: fully_shard(  # noqa: E731
         module, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
@@ -148,7 +148,6 @@ def main(cfg: Config) -> dict:
         reshard_after_forward=cfg.reshard_after_forward)
     load_4bit_weights(model, model_dir, rt.device, on_layer=shard, seed=cfg.seed)
     shard(model)
-    trainable, total = count_parameters(model)
 
     # ---- optimizer (torch AdamW over this rank's shard of the adapters) and schedule
     optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -174,7 +173,7 @@ def main(cfg: Config) -> dict:
     log.total_steps = total_steps
     log.info(f"model    {cfg.model_path} ({model_dir}) | nf4 base (stored as {dtype}) + LoRA r={cfg.lora_r} on "
              f"{','.join(cfg.lora_target_modules)} | trainable {trainable:,} / {total:,} params "
-             f"({100 * trainable / total:.2f}%) | {dtype} compute, activation checkpointing on")
+             f"({100 * trainable / total:.2f}%) | {dtype} compute, activation checkpointing {'on' if checkpointing else 'off'}")
     log.info(f"fsdp     fully_shard on {model.config.num_hidden_layers} layers + root over {rt.world_size} rank(s), "
              f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'}, "
              f"cpu offload {'on' if cfg.cpu_offload else 'off'} | loaded layer by layer from the meta device")

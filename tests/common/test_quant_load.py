@@ -31,6 +31,9 @@ def test_layer_by_layer_load_is_byte_identical_to_from_pretrained(tiny_dir):
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # a no-grad forward (an eval) leaves the weights as they were: training after it computes on the same model
+    model.train(), reference.train()
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 def test_lora_added_on_meta_is_initialized_per_layer_and_starts_as_the_base(tiny_dir):

@@ -1,11 +1,11 @@
 """sft/fsdp-qlora end to end on CPU: a real bitsandbytes NF4 base loaded layer by layer from the meta device and
 sharded with FSDP2 over two gloo processes; the sharded run computes the same steps as one process, resumes exactly,
 and its adapter reloads onto the tiny base."""
+import json
 import math
 import shutil
 
 import pytest
-import torch
 
 from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
@@ -17,12 +17,10 @@ SAME_STEPS = ["--report_to=none", "--lora_dropout=0", "--group_by_length=false",
               "--max_steps=5"]
 
 
-def test_two_processes_train_and_write_a_reloadable_adapter(tmp_path):
-    from peft import PeftModel
-
-    from common.data import collate_left_padded
-    from common.model import load_model, load_tokenizer, resolve_model_path
-
+def test_two_processes_train_and_write_an_adapter_that_evaluates_the_same_reloaded(tmp_path):
+    """Two gloo processes train (loss and eval loss fall), and the adapter gathered to rank 0, put on a freshly
+    loaded NF4 base in one process, gives the eval loss the sharded run measured: the saved adapter is the trained
+    one, and the evals in between (no-grad forwards) left the 4-bit weights as they were."""
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=10", "--batch_size=8", "--grad_accum=1",
                       "--lr=1e-3", "--eval_every=5", "--report_to=none", env_extra={"NGPU": "2"})
@@ -34,15 +32,11 @@ def test_two_processes_train_and_write_a_reloadable_adapter(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     assert len(evals) == 3 and evals[-1] < evals[0] - 0.1, evals
 
-    # the gathered adapter, put on a freshly loaded NF4 base, gives the eval loss the sharded run measured
-    model_dir = resolve_model_path("tiny")
-    tok = load_tokenizer(model_dir)
-    model = PeftModel.from_pretrained(load_model(model_dir, "nf4"), out / "final").eval()
-    trained = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
-    assert trained > 0  # B starts at zero: a trained adapter has moved it
-    batch = collate_left_padded([{"input_ids": tok(t).input_ids} for t in ("Reverse: a b c", "你好")], tok.pad_token_id)
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).logits).all()
+    evaluate = run_script(REPO / "tools" / "evaluate.py", "--model=tiny", f"--adapter={out / 'final'}",
+                          f"--data={REPO / 'data' / 'sft' / 'eval.jsonl'}", "--load_in_4bit", "--exact_match=false",
+                          f"--out={tmp_path / 'eval.json'}", env_extra={"PYTHONPATH": str(REPO)})
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(evals[-1], abs=1e-4)
 
 
 def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
@@ -71,9 +65,7 @@ def test_resume_gives_the_same_next_steps(tmp_path):
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-5)
 
 
-def test_checkpointing_off_is_refused_with_the_reason(tmp_path):
-    proc = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path}", "--gradient_checkpointing=false",
-                      env_extra={"NGPU": "1"})
-    assert proc.returncode != 0
-    assert "--gradient_checkpointing=false" in proc.stderr and "wrong results" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cpu_offload_without_a_gpu_is_refused_in_one_line(tmp_path):
+    proc = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path}", "--cpu_offload=true", env_extra={"NGPU": "1"})
+    assert proc.returncode == 2
+    assert "--cpu_offload=true" in proc.stderr and "Traceback" not in proc.stderr
