@@ -25,7 +25,7 @@ import torch
 
 from common.checkpoint import atomic_write_dir
 from common.config import UserError
-from common.model import cache_dir, materialize_tiny_llama, resolve_model_path
+from common.model import cache_dir, fitting_layer_split, materialize_tiny_llama, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTIZE_SCRIPT = REPO / "data_scripts" / "quantize_gptq.py"
@@ -260,9 +260,10 @@ def keep_gptq_kernels_trainable(model) -> int:
 
 
 def load_gptq_model(model_dir, model_class=None, dtype=torch.float32, device_map=None, backend="auto_trainable",
-                    attn_implementation="sdpa", **config_overrides):
+                    attn_implementation="sdpa", max_memory=None, **config_overrides):
     """from_pretrained on a local GPTQ checkpoint with a kernel that backpropagates (`auto_trainable`, or `torch`);
-    config_overrides go to the config (num_labels for a classifier, for example)."""
+    config_overrides go to the config (num_labels for a classifier, for example). device_map and max_memory as
+    common.model.layer_split_device_map returns them: 'auto' is planned and checked before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -272,7 +273,10 @@ def load_gptq_model(model_dir, model_class=None, dtype=torch.float32, device_map
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **config_overrides)
     # the kernel is chosen at load time from quantization_config.backend; the default one on CPU cannot train
     config.quantization_config = {**dict(config.quantization_config), "backend": backend}
-    model = (model_class or AutoModelForCausalLM).from_pretrained(
+    model_class = model_class or AutoModelForCausalLM
+    if device_map == "auto":
+        device_map = fitting_layer_split(config, max_memory, dtype, model_class=model_class)
+    model = model_class.from_pretrained(
         model_dir, config=config, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
         local_files_only=True, trust_remote_code=False)
     keep_gptq_kernels_trainable(model)

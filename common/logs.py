@@ -35,10 +35,13 @@ def quiet_third_party_logs():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory (RSS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
+def peak_memory_gb(device: torch.device | list[torch.device]) -> float:
+    """Peak GPU memory allocated on a CUDA device (the fullest of a list of them: a model split by layers over
+    several GPUs fails when one GPU fills, so the maximum is what to watch, not the sum), else the process's peak
+    resident memory (RSS)."""
+    devices = device if isinstance(device, (list, tuple)) else [device]
+    if devices[0].type == "cuda":
+        return max(torch.cuda.max_memory_allocated(d) for d in devices) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 

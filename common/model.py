@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import UserError
+from common.config import ConfigError, UserError
 
 TINY_LLAMA_DIR = Path(__file__).resolve().parent / "tiny_llama"
 TINY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
@@ -126,12 +126,18 @@ def disable_bnb_cpu_inference_repack(model) -> int:
 
 
 def load_model(model_dir: Path, quantization="none", dtype=torch.float32, device_map=None, model_class=None,
-               attn_implementation="sdpa", **kwargs):
+               attn_implementation="sdpa", max_memory=None, **kwargs):
     """from_pretrained on a local folder, optionally quantized with bitsandbytes; kwargs go to from_pretrained
-    (num_labels for a classifier, for example)."""
-    from transformers import AutoModelForCausalLM
+    (num_labels for a classifier, for example). device_map and max_memory as `layer_split_device_map` returns them:
+    'auto' is planned over the GPUs here first (`fitting_layer_split`), so a model that does not fit fails in seconds,
+    before any weight is read, and from_pretrained loads exactly the plan that was checked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    if device_map == "auto":
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **kwargs)
+        device_map = fitting_layer_split(config, max_memory, dtype, bnb_quantization_config(quantization, dtype),
+                                         model_class)
     model = model_class.from_pretrained(
         model_dir, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
         quantization_config=bnb_quantization_config(quantization, dtype), local_files_only=True,
@@ -140,6 +146,139 @@ def load_model(model_dir: Path, quantization="none", dtype=torch.float32, device
     if quantization == "nf4":
         disable_bnb_cpu_inference_repack(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer split ("naive pipeline"): one process, the decoder layers spread over the visible GPUs, one GPU computing at a
+# time. It is for fitting a model too big for one card (65B in 4-bit on 2 x 24 GB), not for speed.
+
+MEMORY_UNITS = {"GIB": 2**30, "MIB": 2**20, "GB": 10**9, "MB": 10**6}
+
+
+def parse_memory_sizes(text: str) -> list[int]:
+    """'22GiB' -> [23622320128]; '10GiB,22GiB' -> one size per GPU; units GiB, MiB, GB, MB (any case)."""
+    sizes = []
+    for part in text.split(","):
+        number, unit = part.strip(), ""
+        for name in MEMORY_UNITS:
+            if number.upper().endswith(name):
+                number, unit = number[: -len(name)].strip(), name
+                break
+        try:
+            size = int(float(number) * MEMORY_UNITS[unit]) if unit else -1
+        except ValueError:
+            size = -1
+        if size <= 0:
+            raise ConfigError(f"--max_memory_per_gpu={text}: expected a size per GPU like 22GiB (units GiB, MiB, GB, "
+                              "MB), or one per visible GPU: 10GiB,22GiB")
+        sizes.append(size)
+    return sizes
+
+
+def layer_split_device_map(device_map: str, max_memory_per_gpu: str, device: torch.device,
+                           world_size: int) -> tuple[dict | str | None, dict | None]:
+    """(device_map, max_memory) for load_model / load_gptq_model from a recipe's --device_map and
+    --max_memory_per_gpu. 'single': the whole model on this process's device (None on CPU). 'auto': 'auto' and a
+    byte cap per visible GPU (the --max_memory_per_gpu, or what is free now), with 0 for the CPU: weights spilling
+    to the CPU would train about 100x slower, so they are an error instead."""
+    if device_map not in ("single", "auto"):
+        raise ConfigError(f"--device_map={device_map}: expected single or auto")
+    if device_map == "single":
+        if max_memory_per_gpu:
+            raise ConfigError(f"--max_memory_per_gpu={max_memory_per_gpu}: only used with --device_map=auto")
+        return ({"": device} if device.type == "cuda" else None), None
+    caps = parse_memory_sizes(max_memory_per_gpu) if max_memory_per_gpu else None
+    if world_size > 1:
+        raise ConfigError(f"--device_map=auto with {world_size} processes: layer split runs in one process; use "
+                          "NGPU=1 with several visible GPUs (CUDA_VISIBLE_DEVICES=0,1)")
+    if device.type != "cuda":
+        raise ConfigError("--device_map=auto needs GPUs (it spreads the layers over the visible GPUs) and none is "
+                          "visible; use --device_map=single")
+    n_gpus = torch.cuda.device_count()
+    if caps is None:
+        from accelerate.utils import get_max_memory
+
+        free = get_max_memory()  # bytes free on each GPU now: accelerate's own default
+        caps = [free[i] for i in range(n_gpus)]
+    elif len(caps) == 1:
+        caps = caps * n_gpus
+    elif len(caps) != n_gpus:
+        raise ConfigError(f"--max_memory_per_gpu={max_memory_per_gpu}: {len(caps)} sizes for {n_gpus} visible GPUs; "
+                          "give one size for all or one per GPU")
+    return "auto", {**dict(enumerate(caps)), "cpu": 0}
+
+
+def meta_model(config, dtype=torch.bfloat16, quantization_config=None, model_class=None):
+    """(model, quantizer): the model skeleton on the meta device (no memory, no weights read) with its layers
+    replaced by the quantized ones as from_pretrained does before loading, so sizes can be measured on it.
+    quantization_config: a BitsAndBytesConfig, or None for the checkpoint's own (GPTQ) or none."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
+    quantization = quantization_config or getattr(config, "quantization_config", None)
+    quantizer = None
+    if quantization is not None:
+        quantizer = AutoHfQuantizer.from_config(copy.deepcopy(quantization), pre_quantized=quantization_config is None)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None,
+                                   use_kernels=False)
+    return model, quantizer
+
+
+def plan_layer_split(config, max_memory: dict, dtype=torch.bfloat16, quantization_config=None,
+                     model_class=None) -> dict:
+    """The device map from_pretrained(device_map='auto', max_memory=max_memory) would choose, computed in a second
+    or two without reading a weight, through the same steps: the quantized skeleton (`meta_model`: bitsandbytes NF4
+    counts half a byte per weight, a GPTQ checkpoint's packed buffers count as stored), memory balanced over the
+    GPUs (each but the last gets about an equal share, at most its cap; the last takes the rest up to its cap), the
+    quantizer's headroom (bitsandbytes keeps 10%), then accelerate's placement of whole decoder layers in order, GPU 0
+    first. Modules that do not fit go to 'cpu' or 'disk'."""
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    model, quantizer = meta_model(config, dtype, quantization_config, model_class)
+    memory = get_balanced_memory(model, dict(max_memory), model._no_split_modules, quantizer)
+    if quantizer is not None:
+        memory = quantizer.adjust_max_memory(memory)
+    return dict(infer_auto_device_map(model, memory, model._no_split_modules, hf_quantizer=quantizer))
+
+
+def check_layer_split_fits(plan: dict, max_memory: dict):
+    """A UserError, one line, when a plan puts any module on the CPU or the disk (the model does not fit)."""
+    spilled = [name for name, device in plan.items() if device in ("cpu", "disk")]
+    if not spilled:
+        return
+    caps = [size for device, size in max_memory.items() if isinstance(device, int)]
+    allowed = ", ".join(f"{size / 2**30:.1f}" for size in caps)
+    raise UserError(f"the model does not fit on {len(caps)} GPU(s) with {allowed} GiB allowed per GPU "
+                    f"(--max_memory_per_gpu): {summarize_modules(spilled)} would be offloaded to CPU/disk; try more "
+                    "GPUs (CUDA_VISIBLE_DEVICES), a larger --max_memory_per_gpu, or a 4-bit base")
+
+
+def fitting_layer_split(config, max_memory: dict, dtype=torch.bfloat16, quantization_config=None,
+                        model_class=None) -> dict:
+    """plan_layer_split, then check_layer_split_fits: the plan to load, or a UserError saying it does not fit."""
+    plan = plan_layer_split(config, max_memory, dtype, quantization_config, model_class)
+    check_layer_split_fits(plan, max_memory)
+    return plan
+
+
+def summarize_modules(names) -> str:
+    """['model.embed_tokens', 'model.layers.0', ..., 'model.layers.35'] -> 'layers 0-35 + embed_tokens'."""
+    layers = [int(n.rsplit(".", 1)[-1]) for n in names if n.rsplit(".", 1)[-1].isdigit()]
+    others = [n.rsplit(".", 1)[-1] or "the whole model" for n in names if not n.rsplit(".", 1)[-1].isdigit()]
+    text = f"layers {min(layers)}-{max(layers)}" if layers else ""
+    return " + ".join(part for part in (text, ", ".join(others)) if part)
+
+
+def describe_layer_split(plan: dict) -> str:
+    """'cuda:0 layers 0-35 + embed_tokens | cuda:1 layers 36-79 + norm, rotary_emb, lm_head' for the start-up log."""
+    devices = dict.fromkeys(plan.values())  # in plan order
+    return " | ".join(f"{f'cuda:{d}' if isinstance(d, int) else d} "
+                      f"{summarize_modules([n for n, on in plan.items() if on == d])}" for d in devices)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules, task_type="CAUSAL_LM", modules_to_save=None):
@@ -182,11 +321,12 @@ def prepare_for_lora_training(model, quantized: bool, gradient_checkpointing: bo
 
 def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
     """One vector per row of a LEFT-padded batch: 'last' takes the final column (the last real token of every row,
-    whatever the pad id, so pad == EOS cannot move it), 'mean' averages the real tokens."""
+    whatever the pad id, so pad == EOS cannot move it), 'mean' averages the real tokens. The mask may be on another
+    device than hidden (the first GPU of a layer split, while hidden comes from the last)."""
     if how == "last":
         return hidden[:, -1]
     if how == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     raise ValueError(f"pooling must be 'last' or 'mean', got {how!r}")
 

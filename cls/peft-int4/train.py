@@ -16,6 +16,10 @@ regression. Writes output_dir/: final/ (adapter with the score head, tokenizer, 
 predictions.jsonl (with --predict_data_path), config.json, metrics.jsonl, loss.png, tensorboard/.
 The kernel must be a trainable one (--gptq_backend=auto_trainable or torch); the default GPTQ kernels are inference-only.
 A 7B base in GPTQ int4 (group 128) takes about 4 GB of GPU memory; classification texts are short, so one 8-12 GB card fits.
+A base too big for one card, split by layers over the GPUs of one process (65B in int4 on two 24 GB cards):
+    CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b-gptq-int4 --device_map=auto \
+        --max_memory_per_gpu=22GiB --batch_size=1 --grad_accum=16 --gradient_checkpointing=true
+Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib
 import json
@@ -36,7 +40,8 @@ from common.losses import classification_loss_sum, regression_loss_sum, step_is_
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
 from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
                             regression_metrics)
-from common.model import PooledClassifier, add_lora, load_tokenizer, prepare_for_lora_training
+from common.model import (PooledClassifier, add_lora, describe_layer_split, layer_split_device_map, load_tokenizer,
+                          prepare_for_lora_training)
 from common.optim import make_optimizer, warmup_cosine
 from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
 
@@ -56,6 +61,8 @@ class Config:
     model_path: str = "tiny"  # 'tiny' (random-init test Llama, quantized to GPTQ int4) or a local GPTQ checkpoint folder
     gptq_backend: Literal["auto_trainable", "torch"] = "auto_trainable"  # gptqmodel kernel that can train; torch: slower
     gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
     lora_r: int = 16  # adapter rank
     lora_alpha: int = 32  # adapter scale is alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
@@ -96,11 +103,13 @@ def predict(classifier, examples, width, batch_size, pad_id, rt, autocast) -> to
     """Scores (`width` logits, or one number for regression) of every example in order, gathered from all ranks."""
     classifier.eval()
     scores = torch.zeros(len(examples), width, device=rt.device)
+    backbone = getattr(classifier, "module", classifier).model  # under DDP too
+    input_device = backbone.get_input_embeddings().weight.device  # the first GPU of a layer split
     batches = plan_batches([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)
     with torch.no_grad(), autocast():
         for idx in batches[rt.rank::rt.world_size]:
-            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
-            scores[idx] = classifier(**batch).float()
+            batch = {k: v.to(input_device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            scores[idx] = classifier(**batch).float().to(scores.device)  # from the head's GPU
     if rt.distributed:  # each example was scored by exactly one rank; the others hold zeros there
         torch.distributed.all_reduce(scores)
     classifier.train()
@@ -111,6 +120,7 @@ def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
     rt = setup_runtime(cfg.seed)
+    device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
@@ -151,10 +161,13 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     label_names = [str(x) for x in labels] if labels else ["score"]
-    model = load_gptq_model(model_dir, AutoModelForSequenceClassification, dtype,
-                            {"": rt.device} if rt.device.type == "cuda" else None, cfg.gptq_backend,
-                            num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+    model = load_gptq_model(model_dir, AutoModelForSequenceClassification, dtype, device_map, cfg.gptq_backend,
+                            max_memory=max_memory, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                             label2id={n: i for i, n in enumerate(label_names)})
+    # split by layers (--device_map=auto), the embedding is on the first GPU and the head on the last: the batch goes
+    # to the one, the loss is taken on the other, and the step log's mem is the fullest GPU
+    input_device = model.get_input_embeddings().weight.device
+    devices = sorted({p.device for p in model.parameters()}, key=str)
     model.config.pad_token_id = tokenizer.pad_token_id
     quant = model.config.quantization_config
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
@@ -194,8 +207,12 @@ def main(cfg: Config) -> dict:
         log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
              f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {cfg.lr:g} | device {rt.describe()}")
+    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
+        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
+        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
     def step_loss_sum(scores, targets):
+        targets = targets.to(scores.device)  # the head's GPU under a layer split
         if regression:
             return regression_loss_sum(scores.squeeze(-1), targets, loss_name)
         return classification_loss_sum(scores, targets, loss_name, cfg.label_smoothing, class_weights, cfg.focal_gamma)
@@ -241,9 +258,8 @@ def main(cfg: Config) -> dict:
                                                sum(len(e["input_ids"]) for c in chunk for e in c)], rt)
         loss_sum = 0.0
         for i, examples in enumerate(chunk):
-            batch = {k: v.to(rt.device) for k, v in collate_left_padded(examples, tokenizer.pad_token_id).items()}
-            targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long,
-                                   device=rt.device)
+            batch = {k: v.to(input_device) for k, v in collate_left_padded(examples, tokenizer.pad_token_id).items()}
+            targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_classifier.no_sync()), autocast():
                 micro_loss = step_loss_sum(train_classifier(**batch), targets)
@@ -268,7 +284,7 @@ def main(cfg: Config) -> dict:
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log_eval(step, evaluate())
         preempted = stop_requested(stop, rt)
@@ -318,7 +334,7 @@ def main(cfg: Config) -> dict:
                     f.write(json.dumps({cfg.text_field: e["text"], **row}, ensure_ascii=False) + "\n")
             log.info(f"predictions for {len(examples)} records in {out / 'predictions.jsonl'}")
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
-             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
     log.info(f"adapter + score head, tokenizer and labels.json in {final_dir}")
     log.close()
     cleanup(rt)

@@ -14,6 +14,10 @@ pad id: the classic failure where pad == EOS makes a right-padded model read the
 score alike, cannot happen here.
 Writes output_dir/: final/ (adapter + score head, tokenizer, reward_model.json), eval_results.json (pairwise
 accuracy), config.json, metrics.jsonl, loss.png, tensorboard/.
+A base too big for one card, split by layers over the GPUs of one process (65B in 4-bit on two 24 GB cards):
+    CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b --device_map=auto --max_memory_per_gpu=22GiB \
+        --batch_size=1 --grad_accum=16 --gradient_checkpointing=true
+Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib
 import json
@@ -32,8 +36,8 @@ from common.data import build_preference_examples, collate_left_padded, plan_bat
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import pairwise_loss_sum, step_is_finite
 from common.metrics import pairwise_metrics
-from common.model import (PooledClassifier, add_lora, count_parameters, load_model, load_tokenizer,
-                          prepare_for_lora_training, resolve_model_path)
+from common.model import (PooledClassifier, add_lora, count_parameters, describe_layer_split, layer_split_device_map,
+                          load_model, load_tokenizer, prepare_for_lora_training, resolve_model_path)
 from common.optim import make_optimizer, warmup_cosine
 from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
 
@@ -46,6 +50,8 @@ class Config:
     model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder (often your SFT model)
     quantization: Literal["nf4", "int8", "none"] = "nf4"  # base weights: 4-bit NormalFloat, 8-bit, or as stored
     gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
     pooling: Literal["last", "mean"] = "last"  # read the reward at the final EOS, or average the tokens
     lora_r: int = 16  # adapter rank
     lora_alpha: int = 32  # adapter scale is alpha / r
@@ -81,7 +87,8 @@ class Config:
 
 
 def score_pairs(reward_model, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and the rejected side of each pair, in one left-padded forward of 2 x len(pairs) rows."""
+    """Rewards of the chosen and the rejected side of each pair, in one left-padded forward of 2 x len(pairs) rows;
+    device: the embedding's (the first GPU of a layer split); the rewards come back on the score head's."""
     rows = [{"input_ids": p["chosen_ids"]} for p in pairs] + [{"input_ids": p["rejected_ids"]} for p in pairs]
     batch = {k: v.to(device) for k, v in collate_left_padded(rows, pad_id).items()}
     rewards = reward_model(**batch).squeeze(-1).float()
@@ -92,10 +99,13 @@ def evaluate(reward_model, pairs, batch_size, pad_id, rt, autocast) -> dict:
     """Eval loss, pairwise accuracy and mean margin over all pairs (each rank scores its share)."""
     reward_model.eval()
     chosen, rejected = torch.zeros(len(pairs), device=rt.device), torch.zeros(len(pairs), device=rt.device)
+    backbone = getattr(reward_model, "module", reward_model).model  # under DDP too
+    input_device = backbone.get_input_embeddings().weight.device  # the first GPU of a layer split
     batches = plan_batches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs], batch_size, 0, 0, True)
     with torch.no_grad(), autocast():
         for idx in batches[rt.rank::rt.world_size]:
-            chosen[idx], rejected[idx] = score_pairs(reward_model, [pairs[i] for i in idx], pad_id, rt.device)
+            scored = score_pairs(reward_model, [pairs[i] for i in idx], pad_id, input_device)
+            chosen[idx], rejected[idx] = (rewards.to(rt.device) for rewards in scored)
     if rt.distributed:  # each pair was scored by exactly one rank; the others hold zeros there
         torch.distributed.all_reduce(chosen)
         torch.distributed.all_reduce(rejected)
@@ -108,6 +118,7 @@ def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
     rt = setup_runtime(cfg.seed)
+    device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
@@ -130,8 +141,12 @@ def main(cfg: Config) -> dict:
     # ---- model: quantized base, LoRA adapters, a one-output score head
     from transformers import AutoModelForSequenceClassification
 
-    model = load_model(model_dir, cfg.quantization, dtype, {"": rt.device} if rt.device.type == "cuda" else None,
-                       model_class=AutoModelForSequenceClassification, num_labels=1)
+    model = load_model(model_dir, cfg.quantization, dtype, device_map, model_class=AutoModelForSequenceClassification,
+                       max_memory=max_memory, num_labels=1)
+    # split by layers (--device_map=auto), the embedding is on the first GPU and the head on the last: the batch goes
+    # to the one, the loss is taken on the other, and the step log's mem is the fullest GPU
+    input_device = model.get_input_embeddings().weight.device
+    devices = sorted({p.device for p in model.parameters()}, key=str)
     model.config.pad_token_id = tokenizer.pad_token_id
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     model = prepare_for_lora_training(model, cfg.quantization != "none", checkpointing)
@@ -163,6 +178,9 @@ def main(cfg: Config) -> dict:
         log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary().replace('examples', 'pairs', 1)}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
              f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {cfg.lr:g} | device {rt.describe()}")
+    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
+        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
+        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
     def log_eval(step, metrics):
         log.log(step, {"eval_loss": metrics["eval_loss"], "eval_pairwise_accuracy": metrics["pairwise_accuracy"],
@@ -194,7 +212,7 @@ def main(cfg: Config) -> dict:
         for i, pairs in enumerate(chunk):
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                chosen, rejected = score_pairs(train_model, pairs, tokenizer.pad_token_id, rt.device)
+                chosen, rejected = score_pairs(train_model, pairs, tokenizer.pad_token_id, input_device)
                 micro_loss = pairwise_loss_sum(chosen, rejected)
             # mean over the pairs of the whole step on all ranks (DDP averages gradients, hence * world_size)
             (micro_loss * rt.world_size / n_pairs).backward()
@@ -218,7 +236,7 @@ def main(cfg: Config) -> dict:
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device),
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices),
                            "pairwise_accuracy": correct / n_pairs})
         if eval_pairs and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log_eval(step, evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
@@ -254,7 +272,7 @@ def main(cfg: Config) -> dict:
             (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results,
                                                                "baseline_pairwise_accuracy": 0.5}, indent=2) + "\n")
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
-             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
     log.info(f"reward model (adapter + score head), tokenizer and reward_model.json in {final_dir}")
     log.close()
     cleanup(rt)

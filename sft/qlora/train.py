@@ -9,6 +9,10 @@ Data-parallel on N GPUs: NGPU=N bash run.sh ...   Several nodes: NNODES=2 NODE_R
 Data (.jsonl, .json, .jsonl.zst): alpaca {"instruction","input","output"}, {"input","target"} or chat {"messages"}.
 Writes output_dir/: final/ (adapter + tokenizer), config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.
 A 7B base in 4-bit takes about 5 GB; with LoRA r=64, sequence 1024 and batch 4 a 24 GB card has room to spare.
+A base too big for one card, split by layers over the GPUs of one process (65B in 4-bit on two 24 GB cards):
+    CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b --device_map=auto --max_memory_per_gpu=22GiB \
+        --batch_size=1 --grad_accum=16 --gradient_checkpointing=true
+Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib
 import math
@@ -26,8 +30,8 @@ from common.data import (build_sft_examples, collate_left_padded, collate_packed
                          plan_batches, read_records)
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
-from common.model import (add_lora, count_parameters, load_model, load_tokenizer, prepare_for_lora_training,
-                          resolve_model_path)
+from common.model import (add_lora, count_parameters, describe_layer_split, layer_split_device_map, load_model,
+                          load_tokenizer, prepare_for_lora_training, resolve_model_path)
 from common.optim import make_optimizer, warmup_cosine
 from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
 
@@ -40,6 +44,8 @@ class Config:
     model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder
     quantization: Literal["nf4", "int8", "none"] = "nf4"  # base weights: 4-bit NormalFloat, 8-bit, or as stored
     gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
     lora_r: int = 64  # adapter rank (QLoRA paper: 64)
     lora_alpha: int = 16  # adapter scale is alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
@@ -81,12 +87,13 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
     """Mean loss per trained token over the eval batches of all ranks."""
     model.eval()
     loss_sum, n_tokens = 0.0, 0
+    input_device = model.get_input_embeddings().weight.device  # the first GPU of a layer split
     with torch.no_grad(), autocast():
         for idx in batches:
-            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            batch = {k: v.to(input_device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
             labels = batch.pop("labels")
             logits = model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
-            loss_sum += token_loss_sum(logits, labels).item()
+            loss_sum += token_loss_sum(logits, labels.to(logits.device)).item()
             n_tokens += count_trained_tokens(labels)
     model.train()
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
@@ -97,6 +104,7 @@ def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
     rt = setup_runtime(cfg.seed)
+    device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
@@ -121,8 +129,11 @@ def main(cfg: Config) -> dict:
     eval_batches = plan_batches(eval_lengths, cfg.batch_size, 0, 0, True)[rt.rank::rt.world_size] if eval_examples else []
 
     # ---- model: quantized base, LoRA adapters
-    device_map = {"": rt.device} if rt.device.type == "cuda" else None
-    model = load_model(model_dir, cfg.quantization, dtype, device_map)
+    model = load_model(model_dir, cfg.quantization, dtype, device_map, max_memory=max_memory)
+    # split by layers (--device_map=auto), the embedding is on the first GPU and the head on the last: the batch goes
+    # to the one, the loss is taken on the other, and the step log's mem is the fullest GPU
+    input_device = model.get_input_embeddings().weight.device
+    devices = sorted({p.device for p in model.parameters()}, key=str)
     model.config.pad_token_id = tokenizer.pad_token_id
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     model = prepare_for_lora_training(model, cfg.quantization != "none", checkpointing)
@@ -162,6 +173,9 @@ def main(cfg: Config) -> dict:
              f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
              f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
+    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
+        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
+        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
     # ---- training loop
     def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
@@ -192,13 +206,13 @@ def main(cfg: Config) -> dict:
                                                           sum(b["input_ids"].numel() for b in chunk)], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
-            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            batch = {k: v.to(input_device) for k, v in batch.items()}
             labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
                 # logits only where a trained token is predicted (the answers), not over the prompts
                 logits = train_model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
-                micro_loss = token_loss_sum(logits, labels)
+                micro_loss = token_loss_sum(logits, labels.to(logits.device))
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
             (micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.item()
@@ -221,7 +235,7 @@ def main(cfg: Config) -> dict:
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
+                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
         preempted = stop_requested(stop, rt)
@@ -248,7 +262,7 @@ def main(cfg: Config) -> dict:
         eval_loss = evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)
         log.log(total_steps, {"eval_loss": eval_loss})
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
-             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
     log.info(f"adapter and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
     log.info(f"use it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{final_dir}')")
     log.close()
