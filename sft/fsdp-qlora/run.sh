@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FSDP + QLoRA SFT under torchrun. With no arguments: the tiny random-init Llama on the bundled sample data, sharded
 # over 2 CPU processes (gloo), in about a minute.
-# 65B on two 24 GB GPUs:  NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --max_seq_len=512 --batch_size=1 --grad_accum=16
+# 65B on two 24 GB GPUs:  NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --lora_r=8 --max_seq_len=512 --batch_size=1 --grad_accum=16
 # 8 GPUs:                 NGPU=8 bash run.sh --model_path=... --data_path=...
 # Several nodes:          NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NGPU=8 bash run.sh ...   (then NODE_RANK=1 on node1)
 # Any Config field can be set as --key=value; `bash run.sh --help` lists them.

@@ -5,8 +5,8 @@ LoRA adapters are split over the GPUs, so a 65B model trains on two 24 GB cards 
 Default run, no GPU, no download (tiny random-init Llama, bundled sample data, 2 CPU processes over gloo), about a minute:
     cd sft/fsdp-qlora && bash run.sh
 65B on two 24 GB GPUs:
-    NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --max_seq_len=512 --batch_size=1 --grad_accum=16
-    (add --cpu_offload=true to keep the shards and optimizer in host RAM: slower, frees GPU memory for longer sequences)
+    NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --lora_r=8 --max_seq_len=512 --batch_size=1 --grad_accum=16
+    (or --cpu_offload=true with any rank: shards and optimizer in host RAM, about 50 GB of it; slower, GPUs nearly free)
 The model is built on the meta device and each decoder layer is read, quantized to NF4 on its GPU and sharded before
 the next (common/quant_load.py): host RAM holds one layer at a time, and no GPU ever holds the whole 4-bit model.
 The packed 4-bit bytes are stored as the compute dtype (bf16 on GPU) so FSDP can shard and gather them untouched.
