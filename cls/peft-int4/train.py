@@ -18,7 +18,7 @@ The kernel must be a trainable one (--gptq_backend=auto_trainable or torch); the
 A 7B base in GPTQ int4 (group 128) takes about 4 GB of GPU memory; classification texts are short, so one 8-12 GB card fits.
 A base too big for one card, split by layers over the GPUs of one process (65B in int4 on two 24 GB cards):
     CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b-gptq-int4 --device_map=auto \
-        --max_memory_per_gpu=22GiB --lora_r=32 --batch_size=1 --grad_accum=16
+        --max_memory_per_gpu=22GiB --lora_r=16 --batch_size=1 --grad_accum=16
 Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib

@@ -14,7 +14,7 @@ predictions.jsonl (with --predict_data_path), config.json, metrics.jsonl, loss.p
 A 7B base in 4-bit takes about 5 GB of GPU memory; sequence classification texts are short, so one 8-12 GB card fits.
 A base too big for one card, split by layers over the GPUs of one process (65B in 4-bit on two 24 GB cards):
     CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b --device_map=auto --max_memory_per_gpu=22GiB \
-        --lora_r=32 --batch_size=1 --grad_accum=16
+        --lora_r=16 --batch_size=1 --grad_accum=16
 Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib

@@ -11,7 +11,7 @@ Writes output_dir/: final/ (adapter + tokenizer), config.json, metrics.jsonl, lo
 A 7B base in 4-bit takes about 5 GB; with LoRA r=64, sequence 1024 and batch 4 a 24 GB card has room to spare.
 A base too big for one card, split by layers over the GPUs of one process (65B in 4-bit on two 24 GB cards):
     CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b --device_map=auto --max_memory_per_gpu=22GiB \
-        --lora_r=32 --max_seq_len=512 --batch_size=1 --grad_accum=16
+        --lora_r=16 --max_seq_len=512 --batch_size=1 --grad_accum=16
 Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib
