@@ -97,8 +97,9 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def bnb_quantization_config(quantization: str, compute_dtype: torch.dtype):
-    """BitsAndBytesConfig for 'nf4' (4-bit NormalFloat, double quant: QLoRA) or 'int8'; None for 'none'."""
+def bnb_quantization_config(quantization: str, compute_dtype: torch.dtype, storage_dtype: torch.dtype = torch.uint8):
+    """BitsAndBytesConfig for 'nf4' (4-bit NormalFloat, double quant: QLoRA) or 'int8'; None for 'none'.
+    storage_dtype: the dtype the packed 4-bit bytes are stored as (FSDP needs its own param dtype there)."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization={quantization}: expected one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
@@ -107,7 +108,7 @@ def bnb_quantization_config(quantization: str, compute_dtype: torch.dtype):
 
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -208,7 +209,7 @@ def layer_split_device_map(device_map: str, max_memory_per_gpu: str, device: tor
     return "auto", {**dict(enumerate(caps)), "cpu": 0}
 
 
-def meta_model(config, dtype=torch.bfloat16, quantization_config=None, model_class=None):
+def meta_model(config, dtype=torch.bfloat16, quantization_config=None, model_class=None, attn_implementation="sdpa"):
     """(model, quantizer): the model skeleton on the meta device (no memory, no weights read) with its layers
     replaced by the quantized ones as from_pretrained does before loading, so sizes can be measured on it.
     quantization_config: a BitsAndBytesConfig, or None for the checkpoint's own (GPTQ) or none."""
@@ -219,7 +220,8 @@ def meta_model(config, dtype=torch.bfloat16, quantization_config=None, model_cla
 
     config = copy.deepcopy(config)
     with torch.device("meta"):
-        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype,
+                                                                  attn_implementation=attn_implementation)
     quantization = quantization_config or getattr(config, "quantization_config", None)
     quantizer = None
     if quantization is not None:

@@ -3,8 +3,9 @@
 The model is first built on the meta device (no memory) with bitsandbytes `Linear4bit` in place of every decoder
 projection; LoRA adapters can be added at that point too. Then, layer by layer, the layer's tensors are read from the
 safetensors files, quantized straight onto the target device, and handed to `on_layer` (FSDP shards the layer
-there, so a rank never holds more than its shard plus one whole layer). Host RAM stays at about one layer in full
-precision whatever the model size, instead of the whole model, and on a GPU the 4-bit model never has to fit one card.
+there, so a rank never holds more than its shard plus one whole layer). Host RAM holds about one full-precision
+tensor at a time whatever the model size, instead of the whole model, and on a GPU the 4-bit model never has to fit
+one card.
 
     model = build_4bit_model_on_meta(model_dir, torch.bfloat16, storage_dtype=torch.bfloat16)
     model = add_lora(model, ...)               # optional: adapters are created on meta and initialized per layer
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from common.config import UserError
+from common.model import bnb_quantization_config, disable_bnb_cpu_inference_repack, meta_model
 
 
 def release_freed_host_memory() -> None:
@@ -45,30 +47,19 @@ def checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
 
 def build_4bit_model_on_meta(model_dir: Path, compute_dtype: torch.dtype, storage_dtype: torch.dtype = torch.uint8,
                              model_class=None, attn_implementation: str = "sdpa", **config_kwargs):
-    """The checkpoint's architecture on the meta device, every nn.Linear of the decoder layers an NF4 Linear4bit
-    (double quant, blocks of 64: the QLoRA recipe's settings). storage_dtype is the dtype the packed 4-bit bytes
-    are stored as: FSDP shards a parameter as its dtype, so it must equal FSDP's param dtype (the compute dtype)."""
-    import bitsandbytes as bnb
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The checkpoint's architecture on the meta device with its linear layers NF4 Linear4bit, as from_pretrained
+    builds it before loading (common.model.meta_model with the recipes' QLoRA settings: double quant, blocks of 64;
+    the head stays as it is). storage_dtype is the dtype the packed 4-bit bytes are stored as: FSDP shards a
+    parameter as its dtype, so it must equal FSDP's param dtype (the compute dtype)."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False, **config_kwargs)
-    model_class = model_class or AutoModelForCausalLM
-    with torch.device("meta"):
-        model = model_class.from_config(config, dtype=compute_dtype, attn_implementation=attn_implementation)
-        for layer in decoder_layers(model):
-            for name, linear in list(layer.named_modules()):
-                if type(linear) is not torch.nn.Linear:
-                    continue
-                parent, attr = layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-                quantized = bnb.nn.Linear4bit(
-                    linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                    compress_statistics=True, quant_type="nf4", quant_storage=storage_dtype, device="meta")
-                # no CPU inference repack: it rewrites the weights at the first no-grad forward (an eval), and
-                # training after it is wrong (see common.model.disable_bnb_cpu_inference_repack)
-                quantized.support_avx512bf16_for_cpu = False
-                setattr(parent, attr, quantized)
+    model, _ = meta_model(config, compute_dtype, bnb_quantization_config("nf4", compute_dtype, storage_dtype),
+                          model_class, attn_implementation)
+    # no CPU inference repack: it rewrites the weights at the first no-grad forward (an eval), and training after it
+    # is wrong, under FSDP for good
+    disable_bnb_cpu_inference_repack(model)
     model.is_loaded_in_4bit = True  # what peft reads to wrap Linear4bit with its 4-bit LoRA layer
-    model.config.pad_token_id = config.pad_token_id
     return model
 
 
@@ -88,7 +79,6 @@ def load_4bit_weights(model, model_dir: Path, device: torch.device, on_layer=Non
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     files = checkpoint_tensor_files(model_dir)
     layers = decoder_layers(model)
-    layer_prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
     handles = {}
 
     def read(name: str) -> torch.Tensor:
@@ -112,8 +102,10 @@ def load_4bit_weights(model, model_dir: Path, device: torch.device, on_layer=Non
                 ckpt_name = (key + pname).replace("base_layer.", "")
                 if isinstance(sub, bnb.nn.Linear4bit) and pname == "weight":
                     full = read(ckpt_name).to(sub.compute_dtype)
-                    sub.weight = bnb.nn.Params4bit(full, requires_grad=False, quant_type="nf4", compress_statistics=True,
-                                                   quant_storage=sub.quant_storage, module=sub).to(device)
+                    sub.weight = bnb.nn.Params4bit(  # the settings the meta model was built with
+                        full, requires_grad=False, blocksize=param.blocksize, quant_type=param.quant_type,
+                        compress_statistics=param.compress_statistics, quant_storage=sub.quant_storage,
+                        module=sub).to(device)
                     del full
                     release_freed_host_memory()  # the full-precision copy, before the next one is read
                 elif ckpt_name in files:
@@ -133,7 +125,7 @@ def load_4bit_weights(model, model_dir: Path, device: torch.device, on_layer=Non
     for i, layer in enumerate(layers):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + i)
-            fill(layer, layer_prefix[id(layer)])
+            fill(layer, f"model.layers.{i}.")
         if missing:
             raise UserError(f"{model_dir}: layer {i} lacks {', '.join(missing)}; not a Llama-family checkpoint?")
         release_freed_host_memory()
