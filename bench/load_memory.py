@@ -19,35 +19,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 MEASURE = r"""
-import json, resource, sys, threading, time
+import json, resource, sys
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
 import bitsandbytes, peft, torch, transformers  # imported before the baseline: their memory is not the model's
+from bench.rss import PeakAnon
 from common.model import load_model
 from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
 
-def anon_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-
-peak, done = [0.0], []
-def sample():
-    while not done:
-        peak[0] = max(peak[0], anon_mb())
-        time.sleep(0.005)
-
-base = anon_mb()
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-if sys.argv[2] == "nf4-layerwise":  # common/quant_load.py: meta model, one layer read and quantized at a time
-    model = build_4bit_model_on_meta(Path(sys.argv[1]), torch.float32)
-    load_4bit_weights(model, Path(sys.argv[1]), torch.device("cpu"))
-else:  # the recipes' from_pretrained path
-    model = load_model(Path(sys.argv[1]), sys.argv[2])
-done.append(1)
-thread.join()
-print(json.dumps({"anon_base_mb": base, "anon_peak_mb": max(peak[0], anon_mb()), "anon_after_mb": anon_mb(),
+with PeakAnon() as memory:
+    if sys.argv[2] == "nf4-layerwise":  # common/quant_load.py: meta model, one tensor read and quantized at a time
+        model = build_4bit_model_on_meta(Path(sys.argv[1]), torch.float32)
+        load_4bit_weights(model, Path(sys.argv[1]), torch.device("cpu"))
+    else:  # the recipes' from_pretrained path
+        model = load_model(Path(sys.argv[1]), sys.argv[2])
+MB = 2 ** 20
+print(json.dumps({"anon_base_mb": memory.base / MB, "anon_peak_mb": memory.peak / MB, "anon_after_mb": memory.after / MB,
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

@@ -31,12 +31,13 @@ sys.path.insert(0, str(REPO / "tools"))
 import estimate_memory as em  # noqa: E402
 
 MEASURE = r"""
-import ctypes, gc, json, sys, threading, time
+import ctypes, gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import bitsandbytes, peft, torch, transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+from bench.rss import PeakAnon
 from common.losses import token_loss_sum
 from common.gptq import gptq_linear_names, import_gptqmodel, load_gptq_model
 from common.model import add_lora, load_model, prepare_for_lora_training
@@ -44,11 +45,6 @@ import_gptqmodel()
 
 torch.set_num_threads(1)
 get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), LoraConfig(target_modules=["0"], r=4))  # lazy imports
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
 
 def train(c):
     torch.manual_seed(0)
@@ -83,18 +79,10 @@ libc = ctypes.CDLL("libc.so.6")
 for c in json.loads(sys.argv[2]):
     gc.collect()
     libc.malloc_trim(0)  # hand back what the last run left in the heap, or this run would reuse it unseen
-    base, peak, done = anon(), [0], []
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.005)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     t0 = time.perf_counter()
-    train(c)
-    done.append(1)
-    thread.join()
-    print(json.dumps({"peak_bytes": max(peak[0], anon()) - base, "seconds": time.perf_counter() - t0}), flush=True)
+    with PeakAnon() as memory:
+        train(c)
+    print(json.dumps({"peak_bytes": memory.peak - memory.base, "seconds": time.perf_counter() - t0}), flush=True)
 """
 
 
