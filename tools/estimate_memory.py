@@ -124,7 +124,12 @@ def load_shape(model: str) -> Shape:
         path = path / "config.json"
     if not path.is_file():
         raise UserError(f"--model={model}: not a model size ({', '.join(SHAPES)}, tiny) nor a config.json")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected a model's config.json") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}:1: expected a JSON object (a model's config.json), got {type(config).__name__}")
     try:
         heads = config["num_attention_heads"]
         name = "tiny" if model == "tiny" else path.parent.name

@@ -100,6 +100,21 @@ def test_a_bad_model_name_is_one_line_listing_the_valid_ones():
     assert bad.returncode == 2 and "needs --zero_stage=3" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
+def test_a_broken_or_incomplete_config_json_is_one_line_naming_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken" / "config.json"
+    broken.parent.mkdir()
+    broken.write_text('{"hidden_size": 4096,\n  "num_hidden_layers": 32,,\n}\n')
+    proc = run_tool(f"--model={broken}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {broken}:2: not valid JSON (Expecting property name enclosed "
+                                                "in double quotes); expected a model's config.json"]
+    incomplete = tmp_path / "config.json"
+    incomplete.write_text('{"hidden_size": 4096, "num_attention_heads": 32}\n')
+    proc = run_tool(f"--model={tmp_path}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{incomplete}: no 'intermediate_size'" in proc.stderr
+
+
 def test_one_run_prints_every_row_and_the_cards():
     proc = run_tool("--model=7B", "--method=qlora", "--seq_len=2048")
     assert proc.returncode == 0, proc.stderr
