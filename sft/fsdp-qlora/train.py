@@ -2,7 +2,8 @@
 LoRA adapters are split over the GPUs, so a 65B model trains on two 24 GB cards with every GPU computing at once
 (the layer split of sft/qlora's --device_map=auto fits the same model but keeps one GPU busy at a time).
 
-Default run, no GPU, no download (tiny random-init Llama, bundled sample data, 2 CPU processes over gloo), about a minute:
+Default run, no GPU, no download (tiny random-init Llama, bundled sample data, one CPU process), about 25 s;
+NGPU=2 shards it over two gloo processes:
     cd sft/fsdp-qlora && bash run.sh
 65B on two 24 GB GPUs:
     NGPU=2 bash run.sh --model_path=/models/llama-65b --data_path=train.jsonl --lora_r=8 --max_seq_len=512 --batch_size=1 --grad_accum=16
@@ -60,7 +61,7 @@ class Config:
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     batch_size: int = 4  # examples per micro-batch per GPU
-    grad_accum: int = 2  # micro-batches per optimizer step
+    grad_accum: int = 4  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate
     weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
     warmup_ratio: float = 0.03  # fraction of steps with linear warmup, then cosine decay to 10%

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from common.runtime import free_port
 from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
 RECIPE = REPO / "sft" / "fsdp-qlora"
@@ -23,7 +24,8 @@ def test_two_processes_train_and_write_an_adapter_that_evaluates_the_same_reload
     one, and the evals in between (no-grad forwards) left the 4-bit weights as they were."""
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=10", "--batch_size=8", "--grad_accum=1",
-                      "--lr=1e-3", "--eval_every=5", "--report_to=none", env_extra={"NGPU": "2"})
+                      "--lr=1e-3", "--eval_every=5", "--report_to=none",
+                      env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "over 2 rank(s)" in proc.stdout and "step 10/10 | loss" in proc.stdout
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
@@ -43,9 +45,9 @@ def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
     """FSDP's gathers and reduce-scatters of 4-bit and LoRA shards change nothing: 2 processes x batch 2 make the
     same loss curve as 1 process x batch 4 on the same examples."""
     one = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path / 'one'}", *SAME_STEPS, "--batch_size=4",
-                     env_extra={"NGPU": "1"})
+                     env_extra={"NGPU": "1", "MASTER_PORT": str(free_port())})
     two = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path / 'two'}", *SAME_STEPS, "--batch_size=2",
-                     env_extra={"NGPU": "2"})
+                     env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     curve = lambda out: [r["loss"] for r in read_metrics(out) if "loss" in r]  # noqa: E731
     assert len(curve(tmp_path / "one")) == 5
@@ -66,6 +68,16 @@ def test_resume_gives_the_same_next_steps(tmp_path):
 
 
 def test_cpu_offload_without_a_gpu_is_refused_in_one_line(tmp_path):
-    proc = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path}", "--cpu_offload=true", env_extra={"NGPU": "1"})
+    proc = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path}", "--cpu_offload=true",
+                      env_extra={"NGPU": "1", "MASTER_PORT": str(free_port())})
     assert proc.returncode == 2
     assert "--cpu_offload=true" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bad_training_record_is_one_line_through_the_default_run_sh(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n')
+    proc = run_script(RECIPE / "run.sh", f"--data_path={bad}", f"--output_dir={tmp_path / 'out'}",
+                      env_extra={"MASTER_PORT": str(free_port())})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: field 'output' must be a string, got int"
