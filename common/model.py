@@ -357,7 +357,9 @@ def grow_vocabulary(model, vocab_size: int, gather=None) -> int:
     number of rows added."""
     import contextlib
 
-    old = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings().weight
+    # under ZeRO-3 a partitioned weight's own shape is (0,); ds_shape is the whole one
+    old = getattr(embeddings, "ds_shape", embeddings.shape)[0]
     if vocab_size <= old:
         return 0
     model.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -160,3 +160,30 @@ def test_grow_vocabulary_starts_new_rows_at_the_mean(tiny_dir):
     assert torch.equal(after[:2048], before)
     torch.testing.assert_close(after[2048:], before.mean(0).expand(52, -1))
     assert model.get_output_embeddings().weight.shape[0] == 2100 and model.config.vocab_size == 2100
+
+
+def test_zero3_trains_and_grows_the_vocabulary_at_the_mean_row(tmp_path, tiny_dir):
+    """Under ZeRO-3 a partitioned weight's own shape is (0,): the vocabulary is counted from its whole shape, so the
+    loss stays finite and falls, and a larger tokenizer's new input rows start at the mean of init_from's rows (no
+    weight decay, and tokens that never occur get no update, so they are still there in final/)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    grown = tmp_path / "grown"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.add_tokens([f"<unused_{i}>" for i in range(40)])
+    tokenizer.save_pretrained(grown)
+    out = tmp_path / "out"
+    proc = run_script(DEEPSPEED / "run.sh", f"--output_dir={out}", "--zero_stage=3", "--init_from=tiny",
+                      f"--tokenizer_path={grown}", "--max_steps=6", "--seq_len=64", "--batch_size=4",
+                      "--weight_decay=0", "--num_workers=0", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "40 new token rows at the mean embedding" in proc.stdout
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    before = load_file(tiny_dir / "model.safetensors")["model.embed_tokens.weight"]
+    after = load_file(out / "final" / "model.safetensors")
+    assert after["model.embed_tokens.weight"].shape[0] == after["lm_head.weight"].shape[0] == 2088
+    expected = before.mean(0).expand(40, -1)
+    torch.testing.assert_close(after["model.embed_tokens.weight"][2048:], expected, atol=1e-6, rtol=0)
