@@ -40,7 +40,7 @@ def gguf_architecture(path: Path) -> str:
 
     try:
         field = GGUFReader(path).fields.get("general.architecture")
-    except Exception as e:  # a truncated or corrupt file: the reader's own message
+    except (ValueError, IndexError, OSError) as e:  # a truncated or corrupt file: the reader's own message
         raise UserError(f"{path}: unreadable GGUF file ({type(e).__name__}: {e})") from None
     if field is None:
         raise UserError(f"{path}: the GGUF file has no general.architecture field")
