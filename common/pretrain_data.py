@@ -121,7 +121,9 @@ class TextSource:
         """This slot's windows: its documents packed end to end, across epochs when loop (else one epoch)."""
         buffer: list[int] = []
         while True:
+            n_documents = 0
             for text in slot_documents(self.shards, slot, n_slots, self.text_field):
+                n_documents += 1
                 buffer += encode_document(self.tokenizer, text)
                 # cut windows at a moving offset: re-slicing the buffer per window is quadratic in a long document
                 start = 0
@@ -129,7 +131,7 @@ class TextSource:
                     yield np.asarray(buffer[start:start + seq_len], dtype=np.int64)
                     start += seq_len - 1
                 del buffer[:start]
-            if not loop:
+            if not loop or n_documents == 0:  # a slot with no document (fewer documents than slots) never fills
                 return
 
 
@@ -245,6 +247,9 @@ class PackedBatches(torch.utils.data.IterableDataset):
         n = 0
         while True:
             chunk = [w for _, w in zip(range(self.batch_size), windows)]
+            if len(chunk) < self.batch_size and self.loop:
+                raise UserError(f"{self.source.describe()}: reader {slot + 1} of {n_slots} (ranks x loader workers) "
+                                "has no documents; use fewer --num_workers or ranks, or more, smaller shards")
             if len(chunk) < self.batch_size:  # one epoch only (loop=False) and it ended
                 return
             n += 1
@@ -260,6 +265,19 @@ def packed_loader(source, seq_len: int, batch_size: int, rank: int, world_size: 
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                          persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     return batches_with_plain_errors(loader)
+
+
+def eval_batches(source, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int, n_batches: int,
+                 document_mask: str = "none"):
+    """Exactly n_batches (batch, counted) pairs for this rank's eval, as sharded weights (ZeRO-3, FSDP) need every
+    rank to run as many forwards: the rank's windows, wrapping around a short eval set; a rank with no eval document
+    (fewer documents than ranks) runs uncounted placeholder batches of EOS tokens instead."""
+    windows = source.windows(seq_len, rank, world_size, seed, loop=True)
+    placeholder = [np.full(seq_len, source.eos_id, dtype=np.int64)] * batch_size
+    for _ in range(n_batches):
+        chunk = [w for _, w in zip(range(batch_size), windows)]
+        counted = len(chunk) == batch_size
+        yield make_batch(chunk if counted else placeholder, source.eos_id, document_mask), counted
 
 
 def batches_with_plain_errors(loader):

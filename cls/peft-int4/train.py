@@ -218,7 +218,7 @@ def main(cfg: Config) -> dict:
         return classification_loss_sum(scores, targets, loss_name, cfg.label_smoothing, class_weights, cfg.focal_gamma)
 
     def evaluate() -> dict:
-        scores = predict(train_classifier, eval_examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        scores = predict(classifier, eval_examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
         targets = [e["label"] for e in eval_examples]
         target_tensor = torch.tensor(targets, dtype=torch.float if regression else torch.long)
         metrics = {"eval_loss": step_loss_sum(scores, target_tensor).item() / len(targets)}
@@ -324,7 +324,7 @@ def main(cfg: Config) -> dict:
                      f"{base:.4f}; full report in {out / 'eval_results.json'}")
     if predict_records:
         examples, _ = build(predict_records, require_label=False)
-        scores = predict(train_classifier, examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        scores = predict(classifier, examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
         if rt.is_main:
             with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
                 for e, s in zip(examples, scores):

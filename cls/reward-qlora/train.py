@@ -199,7 +199,7 @@ def main(cfg: Config) -> dict:
     for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
         next(stream)
     if eval_pairs and start_step == 0:
-        log_eval(0, evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+        log_eval(0, evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
     reward_model.train()
     train_seconds, tokens_seen, losses = 0.0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
@@ -239,7 +239,7 @@ def main(cfg: Config) -> dict:
                            "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices),
                            "pairwise_accuracy": correct / n_pairs})
         if eval_pairs and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log_eval(step, evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+            log_eval(step, evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted) and rt.is_main:
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -266,7 +266,7 @@ def main(cfg: Config) -> dict:
         atomic_write_dir(final_dir, write_final)
     results = None
     if eval_pairs:
-        results = evaluate(train_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        results = evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
         log_eval(total_steps, results)
         if rt.is_main:
             (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results,

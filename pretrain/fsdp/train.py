@@ -30,7 +30,7 @@ from common.losses import step_is_finite, token_loss_sum
 from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
-from common.pretrain_data import flops_per_token, open_token_source, packed_loader, peak_tflops
+from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
                             stop_requested, training_dtype)
 
@@ -182,13 +182,15 @@ def main(cfg: Config) -> dict:
         forwards, as the sharded weights need: a short eval set wraps around)."""
         model.eval()
         loss_sum = n_tokens = 0.0
-        loader = packed_loader(eval_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, 0, cfg.seed, mask_mode)
+        batches = eval_batches(eval_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.seed,
+                               cfg.eval_batches, mask_mode)
         with torch.no_grad():
-            for batch, _ in zip(loader, range(cfg.eval_batches)):
+            for batch, counted in batches:  # uncounted: a rank with no eval document still joins every forward
                 batch = {k: v.to(rt.device) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                loss_sum += token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
-                n_tokens += labels[:, 1:].numel()
+                loss = token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
+                loss_sum += loss if counted else 0.0
+                n_tokens += labels[:, 1:].numel() if counted else 0
         model.train()
         loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
         return loss_sum / n_tokens

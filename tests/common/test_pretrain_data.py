@@ -159,3 +159,23 @@ def test_flops_per_token_matches_torch_flop_counter(tiny_dir):
         model(input_ids=ids, labels=ids).loss.backward()
     expected = flops_per_token(model.config, seq_len) * batch * seq_len
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_eval_batches_give_every_rank_as_many_forwards_and_count_each_real_one(tmp_path, tokenizer):
+    """One eval document over two ranks: rank 0 wraps around it, rank 1 (no document) runs uncounted placeholders,
+    both exactly n_batches; rank 0's batches are the loader's. A training reader with no document is one error."""
+    from common.config import UserError
+    from common.pretrain_data import TextSource, eval_batches, list_shards, packed_loader
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    write_shard(folder / "shard-00000.jsonl.zst", ["the only eval document, short"])
+    source = TextSource(list_shards(folder), tokenizer, eos_id=tokenizer.eos_token_id)
+    rank0 = list(eval_batches(source, 16, 2, 0, 2, 0, 3))
+    rank1 = list(eval_batches(source, 16, 2, 1, 2, 0, 3))
+    assert [c for _, c in rank0] == [True] * 3 and [c for _, c in rank1] == [False] * 3
+    loader = [b["input_ids"] for b, _ in zip(packed_loader(source, 16, 2, 0, 2, 0, seed=0), range(3))]
+    assert all(torch.equal(b["input_ids"], a) for (b, _), a in zip(rank0, loader))
+    assert rank1[0][0]["input_ids"].shape == (2, 16)
+    with pytest.raises(UserError, match="reader 2 of 2 .* has no documents"):
+        next(iter(packed_loader(source, 16, 2, 1, 2, 0, seed=0)))

@@ -87,14 +87,19 @@ def test_two_processes_deepspeed_launcher_and_torchrun_agree(tmp_path):
     from common.runtime import free_port
 
     losses = {}
+    one_document = tmp_path / "eval.jsonl"  # rank 1 reads no eval document, yet joins every sharded forward
+    one_document.write_text(json.dumps({"text": "The river runs to the sea. " * 40}) + "\n")
     for name, recipe in (("deepspeed", DEEPSPEED), ("fsdp", FSDP)):
         out = tmp_path / name
         proc = run_script(recipe / "run.sh", f"--output_dir={out}", "--max_steps=3", "--batch_size=4",
-                          "--document_mask", *FAST, env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
+                          "--document_mask", f"--eval_data_path={one_document}", "--eval_batches=2", *FAST,
+                          env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert ("deepspeed launcher" if name == "deepspeed" else "torchrun") + ", 2 processes" in proc.stdout
         assert "2,048 tokens (batch 4 x accum 1 x 2 ranks)" in proc.stdout
         losses[name] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+        evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+        assert len(evals) == 2 and all(math.isfinite(x) for x in evals), evals
     assert len(losses["fsdp"]) == 3 and all(math.isfinite(x) for x in losses["fsdp"])
     assert losses["fsdp"] == pytest.approx(losses["deepspeed"], abs=1e-4)
 

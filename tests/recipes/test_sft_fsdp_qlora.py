@@ -46,13 +46,17 @@ def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
     same loss curve as 1 process x batch 4 on the same examples."""
     one = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path / 'one'}", *SAME_STEPS, "--batch_size=4",
                      env_extra={"NGPU": "1", "MASTER_PORT": str(free_port())})
+    one_record = tmp_path / "one.jsonl"  # one rank has no eval batch of its own, yet joins every sharded forward
+    one_record.write_text((REPO / "data" / "sft" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
     two = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path / 'two'}", *SAME_STEPS, "--batch_size=2",
-                     env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
+                     f"--eval_data_path={one_record}", env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     curve = lambda out: [r["loss"] for r in read_metrics(out) if "loss" in r]  # noqa: E731
     assert len(curve(tmp_path / "one")) == 5
     assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=2e-4)
     assert curve(tmp_path / "one")[-1] < curve(tmp_path / "one")[0]
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "two") if "eval_loss" in r]
+    assert len(evals) == 2 and all(math.isfinite(x) for x in evals), evals
 
 
 def test_resume_gives_the_same_next_steps(tmp_path):

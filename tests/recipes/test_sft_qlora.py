@@ -101,11 +101,15 @@ def test_unknown_option_and_missing_model_are_clear(tmp_path):
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_two_process_data_parallel(tmp_path):
-    out = tmp_path / "out"
+    """An eval file of one record leaves one rank with nothing to evaluate: it must not hang the other."""
+    out, one = tmp_path / "out", tmp_path / "one.jsonl"
+    one.write_text((REPO / "data" / "sft" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=3", "--report_to=none",
-                      env_extra={"NGPU": "2", "MASTER_PORT": "29631"})
+                      f"--eval_data_path={one}", env_extra={"NGPU": "2", "MASTER_PORT": "29631"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "torchrun, 2 processes" in proc.stdout
     assert (out / "final" / "adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+    assert len(evals) == 2 and all(math.isfinite(x) for x in evals), evals
