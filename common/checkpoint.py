@@ -1,9 +1,11 @@
 """Checkpoints that are never half-written: each is built in a temporary folder and renamed into place.
 
 Layout: output_dir/checkpoints/step_00000040/ with the model or adapter files (save_pretrained) and
-trainer_state.pt (optimizer, scheduler, RNG states, step). `latest_checkpoint` only ever sees complete folders.
+trainer_state.pt (optimizer, scheduler, every rank's RNG states, step; tensors and plain values only, read with
+weights_only=True). `latest_checkpoint` only ever sees complete folders.
 """
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,30 +34,88 @@ def atomic_write_dir(target: Path, write) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, in the types torch.load(weights_only=True) reads back: numpy's key as a tensor, and
+    only this rank's own GPU (each rank draws from its own device's generator)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+
+
+def every_rank_rng_state() -> list[dict]:
+    """rng_state() of every rank, in rank order (one process: a list of one); every rank must call it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rank_rng_state(state: dict):
+    """This rank's RNG streams from trainer_state.pt; saved by another number of processes, they restart from the
+    seed instead, and rank 0 says so."""
+    import torch.distributed as dist
+
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if state["world_size"] == world_size:
+        set_rng_state(state["rng"][rank])
+    elif rank == 0:
+        print(f"resume: the checkpoint was taken with {state['world_size']} process(es), this run has {world_size}: "
+              "RNG streams (dropout, shuffling) restart from the seed on each rank", flush=True)
+
+
+def load_state_file(folder: Path) -> dict:
+    """trainer_state.pt, read with weights_only=True: tensors and plain values only, so a checkpoint folder from
+    someone else cannot run code when it is resumed."""
+    from common.config import UserError
+
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.split("WeightsUnpickler error: ", 1)[1] for line in str(e).splitlines()
+                       if "WeightsUnpickler error: " in line), "not tensors and plain values")
+        reason = reason.split(" was not an allowed global")[0]
+        raise UserError(f"--resume: {path}: refused, it is not a trainer state these recipes write and loading it "
+                        f"could run code ({reason})") from None
 
 
 def save_checkpoint(output_dir, step: int, save_model, optimizer, scheduler, keep_last: int) -> Path:
-    """Write checkpoints/step_N atomically: save_model(folder) writes the weights; keep the newest keep_last."""
-    def write(folder: Path):
-        save_model(folder)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, folder / STATE_FILE)
+    """Write checkpoints/step_N atomically: save_model(folder) writes the weights; keep the newest keep_last.
 
-    path = atomic_write_dir(Path(output_dir) / "checkpoints" / f"step_{step:08d}", write)
-    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    For replicated training (one process, DDP): every rank calls it, rank 0 writes (with every rank's RNG state), the
+    others wait for it with the long save timeout (common/runtime.py:wait_for_all)."""
+    import torch.distributed as dist
+
+    from common.runtime import save_timeout, wait_for_all
+
+    rngs = every_rank_rng_state()
+    path = Path(output_dir) / "checkpoints" / f"step_{step:08d}"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        def write(folder: Path):
+            save_model(folder)
+            torch.save({"step": step, "world_size": len(rngs), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rngs}, folder / STATE_FILE)
+
+        atomic_write_dir(path, write)
+        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                          if torch.is_tensor(t))
+    wait_for_all(save_timeout(optimizer_bytes))
     return path
 
 
@@ -72,12 +132,38 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(output_dir) -> Path | None:
+    """The checkpoint --resume continues from, the same on every rank: rank 0's latest, broadcast to the others (each
+    rank looking on its own disk could pick different steps). Only rank 0 writes checkpoints, so a rank that cannot
+    read the chosen one stops every rank with one line. Every rank must call it."""
+    import socket
+
+    import torch.distributed as dist
+
+    from common.config import UserError
+
+    latest = latest_checkpoint(output_dir)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return latest
+    chosen = [latest.name if latest else ""]
+    dist.broadcast_object_list(chosen, src=0)
+    folder = Path(output_dir) / "checkpoints" / chosen[0] if chosen[0] else None
+    readable = folder is None or (folder / STATE_FILE).is_file()
+    unreadable = [None] * dist.get_world_size()
+    dist.all_gather_object(unreadable, "" if readable else f"{dist.get_rank()} ({socket.gethostname()})")
+    missing_on = ", ".join(r for r in unreadable if r)
+    if missing_on:
+        raise UserError(f"--resume: {folder} is missing on rank {missing_on}; only rank 0 writes checkpoints, so "
+                        "--output_dir must be on a file system all nodes share")
+    return folder
+
+
 def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and RNG from a checkpoint; returns the step it was taken at."""
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns the step it was taken at."""
+    state = load_state_file(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    restore_rank_rng_state(state)
     return state["step"]
 
 
@@ -88,6 +174,8 @@ def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards,
     The folder must be on a file system all ranks share. Every rank must call it; returns the folder."""
     import torch.distributed as dist
 
+    from common.runtime import save_timeout, wait_for_all
+
     root = Path(output_dir) / "checkpoints"
     target, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
     rank = dist.get_rank()
@@ -96,8 +184,7 @@ def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards,
         tmp.mkdir(parents=True)
     dist.barrier()
     write_shards(tmp)
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state())
+    rngs = every_rank_rng_state()
     if rank == 0:
         torch.save({"step": step, "world_size": len(rngs), "rng": rngs, **(extra or {})}, tmp / STATE_FILE)
         old = root / f".step_{step:08d}.old"
@@ -107,17 +194,14 @@ def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards,
         shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+    wait_for_all(save_timeout(0))  # rank 0 renames and removes old checkpoints (slow on a network file system)
     return target
 
 
 def load_sharded_trainer_state(folder: Path) -> dict:
     """trainer_state.pt of a sharded checkpoint, with this rank's RNG state restored (when the world size matches)."""
-    import torch.distributed as dist
-
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
-    if state["world_size"] == dist.get_world_size():
-        set_rng_state(state["rng"][dist.get_rank()])
+    state = load_state_file(folder)
+    restore_rank_rng_state(state)
     return state
 
 

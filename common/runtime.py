@@ -1,9 +1,11 @@
 """Process setup: seeding, the device, threads per process and torch.distributed under torchrun."""
+import functools
 import os
 import random
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -62,8 +64,8 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def setup_runtime(seed: int) -> Runtime:
-    """Seed, pick the device and join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+def setup_runtime(seed: int, cpu_offload: bool = False) -> Runtime:
+    """Seed, pick the device and join the process group when launched by torchrun (process_group_backend)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -76,9 +78,43 @@ def setup_runtime(seed: int) -> Runtime:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=process_group_backend(device.type, cpu_offload))
     seed_everything(seed)
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def process_group_backend(device_type: str, cpu_offload: bool = False) -> str:
+    """gloo on CPU, nccl on GPUs; GPUs with CPU-offloaded gradients (FSDP's cpu_offload) need both, one per device
+    type, "cuda:nccl,cpu:gloo": the offloaded gradients are reduced on the CPU, where NCCL cannot (as torchtitan)."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+
+
+SAVE_TIMEOUT_FLOOR = timedelta(minutes=30)
+
+
+def save_timeout(checkpoint_bytes: int, write_bytes_per_s: float = 100e6) -> timedelta:
+    """How long the other ranks wait for rank 0 to write a checkpoint or final model: twice the time to write it at a
+    slow network file system's 100 MB/s, never under 30 minutes. NCCL's default 10 minutes would stop a 65B run
+    while rank 0 writes its 130 GB bf16 model (about 22 minutes at that rate)."""
+    seconds = 2 * checkpoint_bytes / write_bytes_per_s
+    return max(SAVE_TIMEOUT_FLOOR, timedelta(seconds=seconds))
+
+
+@functools.cache
+def long_wait_group():
+    """A gloo group beside the main one, for barriers with a timeout of their own (monitored_barrier needs gloo).
+    Made at its first use, which every rank reaches together (a save)."""
+    return dist.new_group(backend="gloo")
+
+
+def wait_for_all(timeout: timedelta):
+    """A barrier that waits up to `timeout` instead of the process group's limit: for ranks waiting while rank 0
+    writes. Every rank must call it; nothing to wait for in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.monitored_barrier(group=long_wait_group(), timeout=timeout, wait_all_ranks=True)
 
 
 def training_dtype(device: torch.device) -> torch.dtype:

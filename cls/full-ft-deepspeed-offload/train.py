@@ -24,7 +24,7 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir
+from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir, resume_checkpoint
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
@@ -220,7 +220,7 @@ def main(cfg: Config) -> dict:
                                            config=ds_config)
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
+        ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:

@@ -32,7 +32,7 @@ from typing import Literal, Optional
 import torch
 
 from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
-                               save_checkpoint)
+                               resume_checkpoint, save_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
@@ -188,7 +188,7 @@ def main(cfg: Config) -> dict:
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     start_step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+    if cfg.resume and (ckpt := resume_checkpoint(out)) is not None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -288,7 +288,7 @@ def main(cfg: Config) -> dict:
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log_eval(step, evaluate())
         preempted = stop_requested(stop, rt)
-        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted) and rt.is_main:
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
             log.info(f"saved checkpoint {path}")
         if preempted:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
-                               save_sharded_checkpoint)
+                               resume_checkpoint, save_sharded_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import step_is_finite, token_loss_sum
@@ -149,7 +149,7 @@ def main(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.max_steps, cfg.warmup_steps))
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
+        ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
-                               save_sharded_checkpoint)
+                               resume_checkpoint, save_sharded_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
@@ -32,8 +32,8 @@ from common.losses import count_trained_tokens, loss_window, step_is_finite, tok
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_dtype)
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, process_group_backend, set_single_process_env,
+                            setup_runtime, stop_requested, training_dtype)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -103,11 +103,11 @@ def main(cfg: Config) -> dict:
 
     quiet_third_party_logs()
     set_single_process_env()
-    rt = setup_runtime(cfg.seed)
+    rt = setup_runtime(cfg.seed, cpu_offload=cfg.cpu_offload)  # offloaded gradients: a gloo backend beside NCCL
     if cfg.cpu_offload and rt.device.type != "cuda":
         raise ConfigError("--cpu_offload=true: offloads GPU memory to the host; on CPU there is nothing to offload")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(rt.device.type, cfg.cpu_offload))
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
@@ -157,7 +157,7 @@ def main(cfg: Config) -> dict:
     adapters_only = StateDictOptions(ignore_frozen_params=True)  # checkpoints hold adapters + optimizer, not the base
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
+        ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 import torch
 
 from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
-                               save_checkpoint)
+                               resume_checkpoint, save_checkpoint)
 from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
@@ -155,7 +155,7 @@ def main(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps)))
     start_step = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out)
+        ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:
@@ -240,7 +240,7 @@ def main(cfg: Config) -> dict:
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
         preempted = stop_requested(stop, rt)
-        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted) and rt.is_main:
+        if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
             log.info(f"saved checkpoint {path}")
         if preempted:
