@@ -93,6 +93,16 @@ def load_state_file(folder: Path) -> dict:
                         f"could run code ({reason})") from None
 
 
+def cast_floating(state_dict: dict, dtype: torch.dtype) -> dict:
+    """A final/ model's weights in the dtype it trained in (bf16 on GPUs), not FSDP's fp32 master copies: half the
+    size, and what from_pretrained then loads. Cast in place, one tensor at a time, so fp32 and bf16 copies of the
+    whole model never sit side by side in host RAM; integer tensors stay as they are."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            state_dict[name] = tensor.to(dtype)
+    return state_dict
+
+
 def save_checkpoint(output_dir, step: int, save_model, optimizer, scheduler, keep_last: int) -> Path:
     """Write checkpoints/step_N atomically: save_model(folder) writes the weights; keep the newest keep_last.
 

@@ -28,8 +28,8 @@ from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_dtype)
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, save_timeout, set_single_process_env,
+                            setup_runtime, stop_requested, training_dtype, wait_for_all)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -253,6 +253,7 @@ def main(cfg: Config) -> dict:
         atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=state_dict),
                                                tokenizer.save_pretrained(d)))
     del state_dict
+    wait_for_all(save_timeout(n_params * dtype.itemsize))  # rank 0 wrote it; NCCL's own limit is 10 minutes
     eval_loss = None
     if eval_source:
         eval_loss = evaluate()

@@ -22,8 +22,8 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
-                               resume_checkpoint, save_sharded_checkpoint)
+from common.checkpoint import (atomic_write_dir, cast_floating, latest_checkpoint, load_sharded_trainer_state,
+                               prepare_output_dir, resume_checkpoint, save_sharded_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
 from common.losses import step_is_finite, token_loss_sum
@@ -31,8 +31,8 @@ from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_dtype)
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, save_timeout, set_single_process_env,
+                            setup_runtime, stop_requested, training_dtype, wait_for_all)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -266,12 +266,15 @@ def main(cfg: Config) -> dict:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rt.is_main:
         def write_final(d):
-            model.save_pretrained(d, state_dict=full)
+            model.save_pretrained(d, state_dict=cast_floating(full, dtype))  # the training dtype, not fp32 masters
             saved = json.loads((d / "config.json").read_text())  # fully_shard renamed the class: FSDPLlama...
-            (d / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2) + "\n")
+            saved_dtype = str(dtype).removeprefix("torch.")
+            (d / "config.json").write_text(json.dumps({**saved, "architectures": [architecture], "dtype": saved_dtype},
+                                                      indent=2) + "\n")
             tokenizer.save_pretrained(d)
         atomic_write_dir(final_dir, write_final)
     del full
+    wait_for_all(save_timeout(n_params * dtype.itemsize))  # rank 0 wrote it; NCCL's own limit is 10 minutes
     eval_loss = None
     if eval_source:
         eval_loss = evaluate()

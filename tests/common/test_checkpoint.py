@@ -158,3 +158,18 @@ def test_cpu_offload_on_gpus_adds_a_gloo_backend_beside_nccl():
     assert process_group_backend("cpu") == process_group_backend("cpu", cpu_offload=True) == "gloo"
     assert process_group_backend("cuda") == "nccl"
     assert process_group_backend("cuda", cpu_offload=True) == "cuda:nccl,cpu:gloo"
+
+
+def test_a_final_model_is_written_in_the_training_dtype():
+    """pretrain/fsdp keeps fp32 masters; its final/ holds bf16 weights when it trains in bf16 (on CPU fp32: checked
+    through the recipe in tests/recipes/test_pretrain.py)."""
+    from common.checkpoint import cast_floating
+
+    masters = {"model.embed_tokens.weight": torch.randn(8, 4), "model.rotary_emb.inv_freq": torch.rand(2),
+               "step_ids": torch.arange(3)}
+    expected = {k: v.to(torch.bfloat16) for k, v in masters.items() if v.is_floating_point()}
+    final = cast_floating(dict(masters), torch.bfloat16)
+    assert {k: v.dtype for k, v in final.items()} == {"model.embed_tokens.weight": torch.bfloat16,
+                                                      "model.rotary_emb.inv_freq": torch.bfloat16,
+                                                      "step_ids": torch.int64}
+    assert all(torch.equal(final[k], v) for k, v in expected.items()) and torch.equal(final["step_ids"], torch.arange(3))

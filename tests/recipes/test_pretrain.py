@@ -44,6 +44,10 @@ def test_run_sh_pretrains_with_eval_and_writes_a_checkpoint(recipe, tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 2048
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    from safetensors.torch import load_file
+
+    assert config["dtype"] == "float32"  # the training dtype on CPU (bf16 on GPUs: test_checkpoint.py)
+    assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("recipe", [pretrain_ds, pretrain_fsdp], ids=["deepspeed", "fsdp"])
