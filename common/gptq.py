@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,10 +143,29 @@ def save_gptq_checkpoint(model, folder: Path):
     quantizer.save(model, str(folder))
 
 
+@dataclass(frozen=True)
+class QuantizePlacement:
+    dtype: torch.dtype  # what the full-precision checkpoint is loaded in
+    device_map: dict  # where it is loaded: always host RAM
+    compute: str  # where GPTQ runs on each block, for the log
+
+
+def quantize_placement(cuda_available: bool) -> QuantizePlacement:
+    """Where quantize_gptq loads the full-precision model and where GPTQ computes. The model always loads into host
+    RAM: optimum's GPTQ loop (optimum.gptq.GPTQQuantizer.quantize_model) moves one decoder block at a time to GPU 0
+    when a GPU is there, quantizes it with the calibration activations, and moves it back, so GPU memory holds one
+    block (65B: about 1.6 GB in fp16) plus the activations, and host RAM the whole fp16 model (65B: about 130 GB).
+    fp16 with a GPU (what the GPU computes in), fp32 on CPU (fp16 matmuls are slow or missing there)."""
+    if cuda_available:
+        return QuantizePlacement(torch.float16, {"": "cpu"}, "GPU 0, one block at a time")
+    return QuantizePlacement(torch.float32, {"": "cpu"}, "CPU")
+
+
 def quantize_gptq(model_dir, out_dir, bits: int = 4, group_size: int = 128, desc_act: bool = False,
                   calibration_texts=(), seq_len: int = 512, n_samples: int = 128) -> dict:
     """Quantize the Hugging Face Llama-family model in model_dir to GPTQ and write it, with its tokenizer, to out_dir
-    (atomically). Returns out_dir, the samples and tokens of calibration and the seconds quantizing took."""
+    (atomically). The model is loaded into host RAM and quantized block by block (see quantize_placement). Returns
+    out_dir, the samples and tokens of calibration, where GPTQ computed and the seconds quantizing took."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -167,16 +187,16 @@ def quantize_gptq(model_dir, out_dir, bits: int = 4, group_size: int = 128, desc
     samples = calibration_samples(texts, tokenizer, n_samples, seq_len)
 
     import_gptqmodel()
-    on_gpu = torch.cuda.is_available()
+    placement = quantize_placement(torch.cuda.is_available())
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float16 if on_gpu else torch.float32, device_map={"": 0} if on_gpu else None,
+        model_dir, dtype=placement.dtype, device_map=placement.device_map,
         quantization_config=GPTQConfig(bits=bits, group_size=group_size, desc_act=desc_act, dataset=samples,
                                        model_seqlen=seq_len),
         local_files_only=True, trust_remote_code=False)
     seconds = time.perf_counter() - start
     atomic_write_dir(out_dir, lambda folder: (save_gptq_checkpoint(model, folder), tokenizer.save_pretrained(folder)))
-    return {"out_dir": out_dir, "samples": len(samples), "seconds": seconds,
+    return {"out_dir": out_dir, "samples": len(samples), "seconds": seconds, "compute": placement.compute,
             "tokens": sum(len(s["input_ids"][0]) for s in samples)}
 
 

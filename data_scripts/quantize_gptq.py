@@ -5,9 +5,10 @@
 
 Calibration: the text of every record of --calibration_data (.jsonl, .json or .jsonl.zst; all string fields of a
 record, chat messages included) is joined end to end and cut into --n_samples windows of --seq_len tokens. Use text
-like what the model will see; the bundled sample data is only enough for the tiny model. GPTQ (gptqmodel through
-transformers' GPTQConfig) quantizes layer by layer on a GPU when there is one (fp16), else on CPU (fp32; fine for
-the tiny model, slow for real ones). out_dir gets the quantized model in GPTQ v1 format and the tokenizer, written atomically
+like what the model will see; the bundled sample data is only enough for the tiny model. The full-precision model
+is loaded into host RAM (65B: about 130 GB in fp16) and GPTQ (gptqmodel through transformers' GPTQConfig) moves one
+decoder block at a time to GPU 0 when there is one (fp16), so one 24 GB card quantizes a 65B model; without a GPU it
+quantizes on CPU (fp32; fine for the tiny model, slow for real ones). out_dir gets the quantized model in GPTQ v1 format and the tokenizer, written atomically
 (built in a temporary folder, then renamed). Every layer's input size must be a multiple of --group_size.
 """
 import argparse
@@ -44,8 +45,8 @@ def main(argv=None):
         result = quantize_gptq(model_dir, args.out_dir, args.bits, args.group_size, args.desc_act, texts, args.seq_len,
                                n_samples=args.n_samples)
     print(f"quantized {args.model_path} ({model_dir}) to GPTQ int{args.bits}, group {args.group_size}, "
-          f"desc_act {args.desc_act}, on {result['samples']} calibration windows ({result['tokens']:,} tokens) in "
-          f"{result['seconds']:.1f}s -> {result['out_dir']}")
+          f"desc_act {args.desc_act}, on {result['samples']} calibration windows ({result['tokens']:,} tokens), "
+          f"{result['compute']}, in {result['seconds']:.1f}s -> {result['out_dir']}")
     print(f"train on it: bash sft/peft-int4/run.sh --model_path={Path(result['out_dir']).resolve()}")
 
 
