@@ -36,20 +36,36 @@ def quiet_third_party_logs():
 
 
 def peak_memory_gb(device: torch.device | list[torch.device]) -> float:
-    """Peak GPU memory allocated on a CUDA device (the fullest of a list of them: a model split by layers over
-    several GPUs fails when one GPU fills, so the maximum is what to watch, not the sum), else the process's peak
-    resident memory (RSS)."""
+    """Peak GPU memory allocated by torch's caching allocator on a CUDA device (the fullest of a list of them: a model
+    split by layers over several GPUs fails when one GPU fills, so the maximum is what to watch, not the sum), else
+    the process's peak resident memory (RSS)."""
     devices = device if isinstance(device, (list, tuple)) else [device]
     if devices[0].type == "cuda":
         return max(torch.cuda.max_memory_allocated(d) for d in devices) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+def memory_gb(device: torch.device | list[torch.device]) -> dict:
+    """The step log's memory fields. On GPUs (the fullest of a list): mem_gb, the peak torch allocated; mem_reserved_gb,
+    the peak its caching allocator reserved (allocated plus cached blocks: what the card must really hold);
+    mem_used_gb, the card's used memory now (torch.cuda.mem_get_info), which also counts the CUDA context, other
+    processes and the pages bitsandbytes' paged optimizers map in (managed memory torch does not see). On CPU only
+    mem_rss_gb, the process's peak resident memory."""
+    devices = device if isinstance(device, (list, tuple)) else [device]
+    if devices[0].type != "cuda":
+        return {"mem_rss_gb": peak_memory_gb(devices)}
+    reserved = max(torch.cuda.max_memory_reserved(d) for d in devices)
+    used = max(total - free for free, total in (torch.cuda.mem_get_info(d) for d in devices))
+    return {"mem_gb": peak_memory_gb(devices), "mem_reserved_gb": reserved / 1e9, "mem_used_gb": used / 1e9}
+
+
 def format_step(step: int, total: int, values: dict) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("lr", "lr {:.1e}"),
                      ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                     ("tokens_per_s_per_gpu", "{:,.0f} tok/s/gpu"), ("mfu", "mfu {:.1%}"), ("mem_gb", "mem {:.2f} GB")):
+                     ("tokens_per_s_per_gpu", "{:,.0f} tok/s/gpu"), ("mfu", "mfu {:.1%}"),
+                     ("mem_gb", "mem {:.2f} GB peak alloc"), ("mem_reserved_gb", "{:.2f} GB peak reserved"),
+                     ("mem_used_gb", "{:.2f} GB used on GPU"), ("mem_rss_gb", "mem {:.2f} GB peak RSS")):
         if key in values and values[key] is not None:
             parts.append(fmt.format(values[key]))
     return " | ".join(parts)

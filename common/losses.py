@@ -63,15 +63,20 @@ class NonFiniteLoss(UserError):
     """A step's loss or gradient norm is nan or inf (reported as one line: it names the step and what to do)."""
 
 
-def step_is_finite(step: int, loss: float, grad_norm, on_nan: str, output_dir) -> bool:
+def step_is_finite(step: int, loss: float, grad_norm, on_nan: str, output_dir, loss_scaled: bool = False) -> bool:
     """Check a step before its update: True to apply it, False to skip it (--on_nan=skip); with --on_nan=stop a
-    NonFiniteLoss before anything changes, so the weights and the last checkpoint stay as they were."""
+    NonFiniteLoss before anything changes, so the weights and the last checkpoint stay as they were.
+
+    loss_scaled: an enabled torch.amp.GradScaler (fp16) steps the optimizer. Its inf gradients with a finite loss are
+    an fp16 overflow of the scaled loss, which scaler.step skips and scaler.update answers by halving the scale: a
+    normal event in fp16 training, not a reason to stop. Only the loss is checked then."""
     import math
 
     from common.checkpoint import latest_checkpoint
 
     norm = float(grad_norm) if grad_norm is not None else 0.0
-    if math.isfinite(loss) and math.isfinite(norm):
+    overflow_only = loss_scaled and math.isfinite(loss)
+    if overflow_only or (math.isfinite(loss) and math.isfinite(norm)):
         return True
     if on_nan == "skip":
         return False

@@ -409,9 +409,13 @@ def pretrain_model_config(model_config: str, init_from: str, tokenizer):
 
 
 def resolve_attention(requested: str, device: torch.device) -> str:
-    """'auto': flash-attention 2 when it is installed and there is a GPU, else sdpa; anything else as asked."""
+    """'auto': flash-attention 2 when it is installed and the GPU is of compute capability >= 8.0 (its kernels need
+    Ampere or later: a V100 or T4 with flash_attn installed fails at the first forward), else sdpa; anything else as
+    asked."""
     if requested != "auto":
         return requested
     import importlib.util
 
-    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    from common.runtime import has_native_bf16
+
+    return "flash_attention_2" if has_native_bf16(device) and importlib.util.find_spec("flash_attn") else "sdpa"

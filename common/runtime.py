@@ -117,11 +117,47 @@ def wait_for_all(timeout: timedelta):
     dist.monitored_barrier(group=long_wait_group(), timeout=timeout, wait_all_ranks=True)
 
 
+LOSS_SCALING = ("grad_scaler", "deepspeed", "none")
+
+
+@dataclass
+class Precision:
+    """How a run computes: `dtype` for autocast / the DeepSpeed or FSDP weights, `grad_scaler` whether the recipe's
+    torch.amp.GradScaler is enabled (fp16 autocast), `reason` the start-up log's sentence."""
+    dtype: torch.dtype
+    grad_scaler: bool
+    reason: str
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Compute capability 8.0 (Ampere) or later. torch.cuda.is_bf16_supported() also counts the emulated bf16 of
+    V100 / T4 / 2080, which trains several times slower than fp16 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def training_precision(device: torch.device, loss_scaling: str) -> Precision:
+    """bf16 on GPUs of compute capability >= 8.0, fp32 on CPU (CPU runs are for checking, and fp32 keeps them exact).
+    Below 8.0 it depends on what the recipe can scale losses with (`loss_scaling`): "grad_scaler" (fp32 adapters or
+    heads: fp16 autocast with torch.amp.GradScaler), "deepspeed" (DeepSpeed's fp16 with dynamic loss scaling) or
+    "none" (FSDP: fp32)."""
+    if loss_scaling not in LOSS_SCALING:
+        raise ValueError(f"loss_scaling must be one of {LOSS_SCALING}, got {loss_scaling!r}")
+    if device.type != "cuda":
+        return Precision(torch.float32, False, f"fp32 ({device.type}: checking runs stay exact)")
+    major, minor = torch.cuda.get_device_capability(device)
+    capability = f"compute capability {major}.{minor}"
+    if has_native_bf16(device):
+        return Precision(torch.bfloat16, False, f"bf16 autocast ({capability})")
+    if loss_scaling == "grad_scaler":
+        return Precision(torch.float16, True, f"fp16 autocast + GradScaler ({capability}: no bf16)")
+    if loss_scaling == "deepspeed":
+        return Precision(torch.float16, False, f"DeepSpeed fp16 with dynamic loss scaling ({capability}: no bf16)")
+    return Precision(torch.float32, False, f"fp32 ({capability}: no bf16, and FSDP here keeps no loss scaler)")
+
+
 def training_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it, fp32 elsewhere (CPU runs are for checking, and fp32 keeps them exact)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The dtype of training_precision for a recipe without a loss scaler (bf16 from compute capability 8.0)."""
+    return training_precision(device, "none").dtype
 
 
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:

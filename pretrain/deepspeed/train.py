@@ -22,14 +22,14 @@ from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_outpu
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
-from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
-from common.losses import step_is_finite, token_loss_sum
+from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
+from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
 from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
                           resolve_attention, resolve_model_path)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, save_timeout, set_single_process_env,
-                            setup_runtime, stop_requested, training_dtype, wait_for_all)
+                            setup_runtime, stop_requested, training_precision, wait_for_all)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,8 @@ def main(cfg: Config) -> dict:
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
                      config=config_to_dict(cfg))
-    dtype = training_dtype(rt.device)
+    precision = training_precision(rt.device, "deepspeed")  # bf16; fp16 below compute capability 8.0
+    dtype = precision.dtype
 
     # ---- tokenizer and data: packed windows, each rank x loader worker reading its own slot of the corpus
     tokenizer_dir = pretrain_tokenizer_dir(cfg.tokenizer_path, cfg.init_from)
@@ -124,8 +125,8 @@ def main(cfg: Config) -> dict:
         "gradient_accumulation_steps": (cfg.grad_accum, "--grad_accum"),
         "train_batch_size": (cfg.batch_size * cfg.grad_accum * rt.world_size, "--batch_size x --grad_accum x ranks"),
         "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
-        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 on GPUs that have it)"),
-        "fp16.enabled": (False, "the device (bf16 or fp32, never fp16 loss scaling)"),
+        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 from compute capability 8.0)"),
+        "fp16.enabled": (dtype == torch.float16, "the device (fp16 below compute capability 8.0)"),
         "zero_optimization.stage": (cfg.zero_stage, "--zero_stage"),
         "zero_allow_untested_optimizer": (True, "train.py (it hands DeepSpeed torch's AdamW)"),
         "optimizer": (None, "--lr, --adam_betas, --weight_decay"),
@@ -165,7 +166,8 @@ def main(cfg: Config) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
     log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
              f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
-             f"{dtype}, activation checkpointing {'on' if checkpointing else 'off'} | {flops_token / 1e6:,.1f} MFLOPs/token")
+             f"{precision.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
+             f"{flops_token / 1e6:,.1f} MFLOPs/token")
     log.info(f"zero     stage {cfg.zero_stage} | {type(optimizer).__name__} | config {cfg.ds_config}")
     log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
              f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}"
@@ -186,7 +188,7 @@ def main(cfg: Config) -> dict:
                 labels = batch.pop("labels")
                 loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels).item()
                 loss_sum += loss if counted else 0.0
-                n_tokens += labels[:, 1:].numel() if counted else 0
+                n_tokens += count_trained_tokens(labels) if counted else 0  # FA2 rows joined: not numel
         engine.train()
         loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
         return loss_sum / n_tokens
@@ -228,7 +230,7 @@ def main(cfg: Config) -> dict:
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_s": tokens_per_step / dt, "tokens_per_s_per_gpu": per_gpu,
                            "mfu": per_gpu * flops_token / (peak * 1e12) if peak else None,
-                           "mem_gb": peak_memory_gb(rt.device)})
+                           **memory_gb(rt.device)})
         if eval_source and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log.log(step, {"eval_loss": evaluate()})
         preempted = stop_requested(stop, rt)

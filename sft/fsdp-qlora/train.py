@@ -27,13 +27,13 @@ from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded
                                resume_checkpoint, save_sharded_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
-from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, process_group_backend, set_single_process_env,
-                            setup_runtime, stop_requested, training_dtype)
+                            setup_runtime, stop_requested, training_precision)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -111,7 +111,8 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
-    dtype = training_dtype(rt.device)
+    precision = training_precision(rt.device, "none")  # bf16; fp32 below compute capability 8.0 (no scaler)
+    dtype = precision.dtype
 
     # ---- tokenizer and data (the same examples as sft/qlora)
     model_dir = resolve_model_path(cfg.model_path)
@@ -174,7 +175,8 @@ def main(cfg: Config) -> dict:
     log.total_steps = total_steps
     log.info(f"model    {cfg.model_path} ({model_dir}) | nf4 base (stored as {dtype}) + LoRA r={cfg.lora_r} on "
              f"{','.join(cfg.lora_target_modules)} | trainable {trainable:,} / {total:,} params "
-             f"({100 * trainable / total:.2f}%) | {dtype} compute, activation checkpointing {'on' if checkpointing else 'off'}")
+             f"({100 * trainable / total:.2f}%) | {precision.reason} | "
+             f"activation checkpointing {'on' if checkpointing else 'off'}")
     log.info(f"fsdp     fully_shard on {model.config.num_hidden_layers} layers + root over {rt.world_size} rank(s), "
              f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'}, "
              f"cpu offload {'on' if cfg.cpu_offload else 'off'} | loaded layer by layer from the meta device")
@@ -239,7 +241,7 @@ def main(cfg: Config) -> dict:
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, "tokens_per_s_per_gpu": n_tokens / dt / rt.world_size,
-                           "mem_gb": peak_memory_gb(rt.device)})
+                           **memory_gb(rt.device)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt)})
         preempted = stop_requested(stop, rt)

@@ -25,12 +25,12 @@ from common.config import UserError, config_to_dict, exit_on_user_error, parse_c
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
-from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import load_model, load_tokenizer, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_dtype)
+                            stop_requested, training_precision)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -111,7 +111,8 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
-    dtype = training_dtype(rt.device)  # bf16 on a GPU, fp32 on CPU
+    precision = training_precision(rt.device, "deepspeed")  # bf16; fp16 below compute capability 8.0
+    dtype = precision.dtype
 
     # ---- tokenizer and data
     model_dir = resolve_model_path(cfg.model_path)
@@ -141,8 +142,8 @@ def main(cfg: Config) -> dict:
         "gradient_accumulation_steps": (cfg.grad_accum, "--grad_accum"),
         "train_batch_size": (cfg.batch_size * cfg.grad_accum * rt.world_size, "--batch_size x --grad_accum x ranks"),
         "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
-        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 on GPUs that have it)"),
-        "fp16.enabled": (False, "the device (bf16 or fp32, never fp16 loss scaling)"),
+        "bf16.enabled": (dtype == torch.bfloat16, "the device (bf16 from compute capability 8.0)"),
+        "fp16.enabled": (dtype == torch.float16, "the device (fp16 below compute capability 8.0)"),
         "zero_optimization.stage": (cfg.zero_stage, "--zero_stage"),
         "zero_optimization.offload_optimizer.device": ("cpu" if cfg.offload_optimizer else "none",
                                                        "--offload_optimizer"),
@@ -191,8 +192,8 @@ def main(cfg: Config) -> dict:
     log.total_steps = total_steps
     offloaded = {(True, True): "optimizer and weights", (True, False): "optimizer", (False, True): "weights",
                  (False, False): "nothing"}[(cfg.offload_optimizer, cfg.offload_params)]
-    log.info(f"model    {cfg.model_path} ({model_dir}) | full fine-tune, {n_params:,} params, all trainable | {dtype}, "
-             f"activation checkpointing {'on' if checkpointing else 'off'}")
+    log.info(f"model    {cfg.model_path} ({model_dir}) | full fine-tune, {n_params:,} params, all trainable | "
+             f"{precision.reason} | activation checkpointing {'on' if checkpointing else 'off'}")
     log.info(f"zero     stage {cfg.zero_stage}, {offloaded} offloaded to CPU | {type(optimizer).__name__} | "
              f"config {cfg.ds_config}")
     log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
@@ -255,7 +256,7 @@ def main(cfg: Config) -> dict:
             grad_norm = engine.get_global_grad_norm()  # of the whole step's gradient, before clipping
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(rt.device)})
+                           "tokens_per_s": n_tokens / dt, **memory_gb(rt.device)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": eval_now()})
         preempted = stop_requested(stop, rt)

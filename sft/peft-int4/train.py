@@ -30,12 +30,13 @@ from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer
 from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
-from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import (add_lora, describe_layer_split, layer_split_device_map, load_tokenizer,
                           prepare_for_lora_training)
 from common.optim import make_optimizer, warmup_cosine
-from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested,
+                            training_precision)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -109,7 +110,9 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
-    dtype = training_dtype(rt.device)
+    precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
+    dtype = precision.dtype
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
 
     # ---- tokenizer and data
@@ -169,7 +172,8 @@ def main(cfg: Config) -> dict:
     log.total_steps = total_steps
     log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base, kernel "
              f"{kernel} + LoRA r={cfg.lora_r} on {','.join(targets)} | trainable {trainable:,} / {total:,} params "
-             f"({100 * trainable / total:.2f}%) | {dtype}, activation checkpointing {'on' if checkpointing else 'off'}")
+             f"({100 * trainable / total:.2f}%) | {precision.reason} | "
+             f"activation checkpointing {'on' if checkpointing else 'off'}")
     log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
     if eval_stats:
         log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
@@ -215,17 +219,21 @@ def main(cfg: Config) -> dict:
                 logits = train_model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
                 micro_loss = token_loss_sum(logits, labels.to(logits.device))
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
-            (micro_loss * rt.world_size / max(n_trained, 1)).backward()
+            scaler.scale(micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.item()
+        scaler.unscale_(optimizer)  # clip and report the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / max(n_trained, 1)
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+        # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
+        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
             optimizer.zero_grad(set_to_none=True)
+            scaler.update()
             scheduler.step()
             log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
             continue
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed, and update() lowers the scale
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -236,7 +244,7 @@ def main(cfg: Config) -> dict:
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices)})
+                           "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
         preempted = stop_requested(stop, rt)
