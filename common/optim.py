@@ -1,9 +1,30 @@
 """Optimizer and learning-rate schedule."""
 import math
+from dataclasses import dataclass
 
 import torch
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit", "adamw_8bit")
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    value: float
+    description: str  # for the start-up log: the rate and where it came from
+
+
+def resolve_lr(lr: float | None, model_path: str, real_base_lr: float, tiny_lr: float) -> LearningRate:
+    """The peak learning rate of a run: --lr when given; else real_base_lr, the rate for a real pretrained base, or
+    tiny_lr with --model_path=tiny (the random-init test Llama needs a higher rate to show learning in a minute)."""
+    if lr is not None:
+        if not lr > 0:
+            from common.config import ConfigError
+
+            raise ConfigError(f"--lr={lr}: expected a positive learning rate")
+        return LearningRate(lr, f"{lr:.1e} (--lr)")
+    if model_path == "tiny":
+        return LearningRate(tiny_lr, f"{tiny_lr:.1e} (tiny model; a real base gets {real_base_lr:.1e})")
+    return LearningRate(real_base_lr, f"{real_base_lr:.1e} (default for a real base)")
 
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float, device: torch.device):

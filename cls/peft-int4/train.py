@@ -22,6 +22,7 @@ A base too big for one card, split by layers over the GPUs of one process (65B i
 Only one GPU computes at a time (it is for fitting, not speed; for speed shard with sft/fsdp-qlora).
 """
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -35,15 +36,16 @@ from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer
                                resume_checkpoint, save_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
-from common.logs import StepLogger, peak_memory_gb, quiet_third_party_logs
+from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import classification_loss_sum, regression_loss_sum, step_is_finite
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
 from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
                             regression_metrics)
 from common.model import (PooledClassifier, add_lora, describe_layer_split, layer_split_device_map, load_tokenizer,
                           prepare_for_lora_training)
-from common.optim import make_optimizer, warmup_cosine
-from common.runtime import all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested, training_dtype
+from common.optim import make_optimizer, resolve_lr, warmup_cosine
+from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested,
+                            training_precision)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 
@@ -81,7 +83,7 @@ class Config:
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
     batch_size: int = 16  # examples per micro-batch per GPU
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate (adapters and head)
+    lr: float | None = None  # peak lr (adapters, head); none: 2e-4 (LoRA's usual on 7B-13B), 1e-3 on 'tiny'
     weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
     warmup_ratio: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 10%
     max_grad_norm: float = 1.0  # gradient clipping
@@ -119,12 +121,16 @@ def predict(classifier, examples, width, batch_size, pad_id, rt, autocast) -> to
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
+    lr = resolve_lr(cfg.lr, cfg.model_path, real_base_lr=2e-4, tiny_lr=1e-3)
+    cfg = dataclasses.replace(cfg, lr=lr.value)  # config.json records the rate used
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
-    dtype = training_dtype(rt.device)
+    precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
+    dtype = precision.dtype
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     regression = cfg.task == "regression"
     loss_name = cfg.loss if cfg.loss != "auto" else ("mse" if regression else "ce")
@@ -199,14 +205,14 @@ def main(cfg: Config) -> dict:
     log.total_steps = total_steps
     log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base + LoRA "
              f"r={cfg.lora_r} on {','.join(targets)} + score head | "
-             f"{cfg.pooling}-token pooling | trainable {trainable:,} / {total:,} params | {dtype}")
+             f"{cfg.pooling}-token pooling | trainable {trainable:,} / {total:,} params | {precision.reason}")
     log.info(f"task     {cfg.task}, loss {loss_name}" + (f", {len(labels)} classes {labels}" if labels else "") +
              (f", class weights {[round(w, 3) for w in class_weights.tolist()]}" if class_weights is not None else ""))
     log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
     if eval_stats:
         log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
-             f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {cfg.lr:g} | device {rt.describe()}")
+             f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | device {rt.describe()}")
     if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
         split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
         log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
@@ -264,17 +270,21 @@ def main(cfg: Config) -> dict:
             with (contextlib.nullcontext() if sync else train_classifier.no_sync()), autocast():
                 micro_loss = step_loss_sum(train_classifier(**batch), targets)
             # mean over the examples of the whole step on all ranks (DDP averages gradients, hence * world_size)
-            (micro_loss * rt.world_size / n_examples).backward()
-            loss_sum += micro_loss.item()
+            scaler.scale(micro_loss * rt.world_size / n_examples).backward()
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
+        scaler.unscale_(optimizer)  # clip and report the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
         loss = loss_sum / n_examples
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+        # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
+        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
             optimizer.zero_grad(set_to_none=True)
+            scaler.update()
             scheduler.step()
             log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
             continue
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed, and update() lowers the scale
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -284,7 +294,7 @@ def main(cfg: Config) -> dict:
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "tokens_per_s": n_tokens / dt, "mem_gb": peak_memory_gb(devices)})
+                           "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
             log_eval(step, evaluate())
         preempted = stop_requested(stop, rt)
