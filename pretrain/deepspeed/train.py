@@ -184,13 +184,13 @@ def main(cfg: Config) -> dict:
                                cfg.eval_batches, mask_mode)
         with torch.no_grad():
             for batch, counted in batches:  # uncounted: a rank with no eval document still joins every forward
+                n_tokens += count_trained_tokens(batch["labels"]) if counted else 0  # FA2 rows joined: not numel
                 batch = {k: v.to(rt.device) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels).item()
-                loss_sum += loss if counted else 0.0
-                n_tokens += count_trained_tokens(labels) if counted else 0  # FA2 rows joined: not numel
+                loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
+                loss_sum += loss.double() if counted else 0.0  # on the device, read once below
         engine.train()
-        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+        loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
         return loss_sum / n_tokens
 
     # ---- training loop
@@ -205,17 +205,18 @@ def main(cfg: Config) -> dict:
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
             labels = batch.pop("labels")
             micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
-            micro_value = micro_loss.item()
-            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
+            if i == cfg.grad_accum - 1:  # engine.step() updates at this one: read the step's losses once, before it
+                loss_value = float(loss_sum)
+                step_is_finite(step, loss_value, 0.0, "stop", out)
             # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
-            loss_sum += micro_value
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / predicted_per_step
         if rt.device.type == "cuda":
             torch.cuda.synchronize()

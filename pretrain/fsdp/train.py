@@ -108,8 +108,8 @@ def main(cfg: Config) -> dict:
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
                      config=config_to_dict(cfg))
-    precision = training_precision(rt.device, "none")  # bf16; fp32 below compute capability 8.0 (no scaler)
-    dtype = precision.dtype
+    compute = training_precision(rt.device, "none")  # bf16; fp32 below compute capability 8.0 (no scaler)
+    dtype = compute.dtype
 
     # ---- tokenizer and data: packed windows, each rank x loader worker reading its own slot of the corpus
     tokenizer_dir = pretrain_tokenizer_dir(cfg.tokenizer_path, cfg.init_from)
@@ -168,7 +168,7 @@ def main(cfg: Config) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
     log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
              f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
-             f"{precision.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
+             f"{compute.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
              f"{flops_token / 1e6:,.1f} MFLOPs/token")
     log.info(f"fsdp     fully_shard on {len(model.model.layers)} layers + root over {rt.world_size} rank(s), "
              f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'} | {type(optimizer).__name__}")
@@ -187,13 +187,13 @@ def main(cfg: Config) -> dict:
                                cfg.eval_batches, mask_mode)
         with torch.no_grad():
             for batch, counted in batches:  # uncounted: a rank with no eval document still joins every forward
+                n_tokens += count_trained_tokens(batch["labels"]) if counted else 0  # FA2 rows joined: not numel
                 batch = {k: v.to(rt.device) for k, v in batch.items()}
                 labels = batch.pop("labels")
-                loss = token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
-                loss_sum += loss if counted else 0.0
-                n_tokens += count_trained_tokens(labels) if counted else 0  # FA2 rows joined: not numel
+                loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
+                loss_sum += loss.double() if counted else 0.0  # on the device, read once below
         model.train()
-        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+        loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
         return loss_sum / n_tokens
 
     # ---- training loop
@@ -215,10 +215,10 @@ def main(cfg: Config) -> dict:
             micro_loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
             # mean over every predicted token of the step on all ranks (the reduce-scatter averages: * world)
             (micro_loss * rt.world_size / predicted_per_step).backward()
-            loss_sum += micro_loss.item()
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
         loss = loss_sum / predicted_per_step
         if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
             optimizer.zero_grad(set_to_none=True)
