@@ -84,14 +84,17 @@ def evaluate(engine, batches, examples, pad_id, rt) -> float:
     loss_sum, n_tokens = 0.0, 0
     with torch.no_grad():
         for idx, counted in batches:
-            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            batch = collate_left_padded([examples[i] for i in idx], pad_id)
+            window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
+            n_trained = count_trained_tokens(batch["labels"])
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = engine(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
-            loss = token_loss_sum(logits, labels).item()
-            if counted:
-                loss_sum, n_tokens = loss_sum + loss, n_tokens + count_trained_tokens(labels)
+            logits = engine(**batch, use_cache=False, logits_to_keep=window).logits
+            loss = token_loss_sum(logits, labels)
+            if counted:  # on the device, read once below
+                loss_sum, n_tokens = loss_sum + loss.double(), n_tokens + n_trained
     engine.train()
-    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+    loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
     return loss_sum / max(n_tokens, 1)
 
 
@@ -230,21 +233,23 @@ def main(cfg: Config) -> dict:
                                                           sum(int(b["attention_mask"].sum()) for b in chunk),
                                                           sum(b["input_ids"].numel() for b in chunk)], rt)
         loss_sum = 0.0
-        for batch in chunk:
+        for i, batch in enumerate(chunk):
+            window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             labels = batch.pop("labels")
             # logits only where a trained token is predicted (the answers), not over the prompts
-            logits = engine(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            logits = engine(**batch, use_cache=False, logits_to_keep=window).logits
             micro_loss = token_loss_sum(logits, labels)
-            micro_value = micro_loss.item()
-            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
+            if i == len(chunk) - 1:  # engine.step() updates at this one: read the step's losses once, before it
+                loss_value = float(loss_sum)
+                step_is_finite(step, loss_value, 0.0, "stop", out)
             # The loss is already a share of the step's mean, so undo both of DeepSpeed's own divisions:
             # scale_wrt_gas=False stops backward() dividing by grad_accum, and the gradient reduction averages over
             # ranks, so multiplying by world_size makes it the sum over all ranks' tokens.
             engine.backward(micro_loss * rt.world_size / max(n_trained, 1), scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-            loss_sum += micro_value
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / max(n_trained, 1)
         dt = time.perf_counter() - t0
         train_seconds += dt
