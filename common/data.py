@@ -191,6 +191,23 @@ def chat_segments(messages, tokenizer, where) -> list[tuple[str, bool]]:
     return [s for s in segments if s[0]]
 
 
+END_OF_TURN_PROBE = "END-OF-TURN-PROBE"  # an assistant reply rendered to find what the template puts after replies
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template puts right after an assistant reply (Llama 3 <|eot_id|>, ChatML
+    <|im_end|>, EOS for the [INST] templates), as [id]: the token that chat_segments trains at the end of every reply,
+    so the one generation must stop at. [] without a chat template or when plain text follows a reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+    replies = [text for text, trained in chat_segments(probe, tokenizer, "the chat template") if trained]
+    after_reply = replies[0].split(END_OF_TURN_PROBE, 1)[-1] if replies else ""
+    ids = tokenizer(after_reply, add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return ids[:1] if ids and ids[0] in special else []
+
+
 def tokenize_segments(segments, tokenizer, add_bos_eos: bool) -> tuple[list[int], list[bool]]:
     """Tokenize the concatenated text once (ids equal what inference sees); mark the tokens of trained segments.
 
@@ -353,11 +370,30 @@ def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
              "segments": [len(examples[i]["input_ids"]) for i in row]} for row in rows]
 
 
+def flatten_for_flash_attention(batch: dict) -> dict:
+    """One row of B x L tokens from a (B, L) batch whose position ids restart at every example (and at every row):
+    transformers' flash-attention 2 finds packed examples from restarting position ids only when the batch has one
+    row (modeling_flash_attention_utils._is_packed_sequence); with more rows it attends across them unmasked. The
+    label of each row's first token becomes -100: in one row it would be predicted by the previous row's last token,
+    which the (B, L) batch never asks for, so the loss sum and the count of trained tokens stay the same."""
+    if "attention_mask" in batch:
+        raise ValueError("flatten_for_flash_attention: the batch has an attention mask; flash-attention 2 packs by "
+                         "position ids alone")
+    if bool((batch["position_ids"][:, 0] != 0).any()):
+        raise ValueError("flatten_for_flash_attention: every row must start a new example (position id 0)")
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    flat = {key: value.reshape(1, -1) for key, value in batch.items() if key != "labels"}
+    flat["labels"] = labels.reshape(1, -1)
+    return flat
+
+
 def collate_packed(rows: list[dict], pad_id: int, attention: str = "sdpa") -> dict:
     """Left-pad packed rows (pack_examples) so that each packed example computes exactly what it computes alone:
     position ids restart at every example, and with sdpa/eager a block-diagonal causal mask (B, 1, L, L) keeps
-    examples from attending to each other. flash_attention_2 needs no mask: it reads the example boundaries from
-    the restarting position ids."""
+    examples from attending to each other. flash_attention_2 gets no mask but the rows joined into one
+    (flatten_for_flash_attention): it reads the example boundaries from the restarting position ids, and only in a
+    batch of one row. A pad has position id 0 there, an example of one token of its own, with no loss."""
     batch = collate_left_padded(rows, pad_id)
     width = batch["input_ids"].shape[1]
     segment_id = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
@@ -369,7 +405,7 @@ def collate_packed(rows: list[dict], pad_id: int, attention: str = "sdpa") -> di
             start += n
     if attention == "flash_attention_2":
         del batch["attention_mask"]
-        return batch
+        return flatten_for_flash_attention(batch)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment_id[:, :, None] == segment_id[:, None, :]
     mask = causal & same & (segment_id[:, :, None] >= 0)
@@ -457,7 +493,10 @@ def render_prompt_response(tokenizer, prompt: str, response: str, prompt_templat
             raise ValueError("prompt_template 'chat' needs a tokenizer with a chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}], tokenize=False)
-        return text[len(tokenizer.bos_token):] if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else text
+        # a template that writes BOS itself would get a second one from the tokenizer: drop it only when the
+        # tokenizer adds one (SmolLM2's BOS is <|im_start|>, the start of every ChatML turn, and it adds none)
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+        return text[len(tokenizer.bos_token):] if adds_bos and text.startswith(tokenizer.bos_token) else text
     return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt) + response
 
 

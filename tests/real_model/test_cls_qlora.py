@@ -42,3 +42,19 @@ def test_reward_model_learns_the_preferred_answers(smollm2_dir, tmp_path):
     before, after = evals_rows[0], evals_rows[-1]
     assert after["eval_loss"] < 0.5 * before["eval_loss"], evals_rows  # measured: 0.66 -> 0.007
     assert after["eval_pairwise_accuracy"] >= 0.9, evals_rows  # chance is 0.5; 0.75 before training
+
+
+def test_reward_chat_text_keeps_its_first_turn_start(smollm2_dir):
+    """SmolLM2's BOS is <|im_start|>, which its tokenizer never adds: the chat text's leading <|im_start|> is the
+    first turn's, not a BOS to drop (it was dropped, so reward models saw 'system\\nYou are...' without it)."""
+    from common.data import Record, build_preference_examples
+    from common.model import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    record = Record({"prompt": "What is the capital of Peru?", "chosen": "Lima.", "rejected": "I don't know."}, "x:1")
+    examples, _ = build_preference_examples([record], tokenizer, 128, "chat")
+    conversation = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    expected = tokenizer(rendered, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert examples[0]["chosen_ids"] == expected
+    assert tokenizer.convert_ids_to_tokens(expected[:2]) == ["<|im_start|>", "system"]
