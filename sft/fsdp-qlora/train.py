@@ -27,6 +27,7 @@ from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded
                                resume_checkpoint, save_sharded_checkpoint)
 from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
+from common.inference import save_generation_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training, resolve_model_path
@@ -85,13 +86,16 @@ def evaluate(model, batches, examples, pad_id, rt) -> float:
     loss_sum, n_tokens = 0.0, 0
     with torch.no_grad():
         for idx, counted in batches:
-            batch = {k: v.to(rt.device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            batch = collate_left_padded([examples[i] for i in idx], pad_id)
+            window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
+            n_trained = count_trained_tokens(batch["labels"])
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            loss = token_loss_sum(model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits, labels)
-            if counted:
-                loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + count_trained_tokens(labels)
+            loss = token_loss_sum(model(**batch, use_cache=False, logits_to_keep=window).logits, labels)
+            if counted:  # on the device, read once below
+                loss_sum, n_tokens = loss_sum + loss.double(), n_tokens + n_trained
     model.train()
-    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+    loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
     return loss_sum / max(n_tokens, 1)
 
 
@@ -213,17 +217,18 @@ def main(cfg: Config) -> dict:
                                               sum(len(train_examples[i]["input_ids"]) for idx in chunk_idx for i in idx)], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
+            window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             labels = batch.pop("labels")
             model.set_requires_gradient_sync(i == len(chunk) - 1)  # reduce-scatter once per step
-            logits = model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+            logits = model(**batch, use_cache=False, logits_to_keep=window).logits
             micro_loss = token_loss_sum(logits, labels)
             # the reduce-scatter averages gradients over ranks: scale by world_size to sum all ranks' tokens
             (micro_loss * rt.world_size / max(n_trained, 1)).backward()
-            loss_sum += micro_loss.item()
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
         loss = loss_sum / max(n_trained, 1)
         if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
             optimizer.zero_grad(set_to_none=True)
@@ -267,7 +272,8 @@ def main(cfg: Config) -> dict:
     adapters = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                     ignore_frozen_params=True))
     if rt.is_main:
-        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=adapters), tokenizer.save_pretrained(d)))
+        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=adapters), tokenizer.save_pretrained(d),
+                                               save_generation_config(d, model, tokenizer)))
     eval_loss = None
     if eval_examples:
         eval_loss = evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt)
