@@ -15,8 +15,16 @@ from pathlib import Path
 import torch
 
 from common.config import UserError
-from common.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DataError, Record, chat_messages,
-                         collate_left_padded, require_str)
+from common.data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    DataError,
+    Record,
+    chat_messages,
+    collate_left_padded,
+    end_of_turn_ids,
+    require_str,
+)
 from common.model import load_model, load_tokenizer, resolve_model_path
 
 HEAD_FILES = ("labels.json", "reward_model.json")  # what the cls recipes write beside a classifier / reward model
@@ -241,17 +249,42 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 # Generation
 
 
+def stop_token_ids(tokenizer, eos=None) -> list[int]:
+    """The ids generation stops at: the checkpoint's eos (an id, a list or None), the tokenizer's EOS and the chat
+    template's end-of-turn token (common.data.end_of_turn_ids), once each, in that order. A base checkpoint trained
+    with a chat template learns to end its replies with the template's end-of-turn token (Llama 3 <|eot_id|>, ChatML
+    <|im_end|>), which the base's eos alone (<|end_of_text|>, <|endoftext|>) never stops at."""
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids += [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def make_generation_config(model, tokenizer, max_new_tokens: int, do_sample=False, temperature=1.0, top_p=1.0,
                            top_k=50):
-    """The model's own generation config (its EOS ids, say) with these settings; greedy unless do_sample, whatever
-    the checkpoint's defaults say (some ship do_sample=True)."""
+    """The model's own generation config with these settings and eos_token_id = stop_token_ids (its eos, the
+    tokenizer's, the chat template's end-of-turn); greedy unless do_sample, whatever the checkpoint's defaults say
+    (some ship do_sample=True)."""
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens, config.max_length = max_new_tokens, None
     config.do_sample = do_sample
     config.temperature, config.top_p, config.top_k = (temperature, top_p, top_k) if do_sample else (None, None, None)
     config.pad_token_id = tokenizer.pad_token_id
-    if config.eos_token_id is None:
-        config.eos_token_id = tokenizer.eos_token_id
+    config.eos_token_id = stop_token_ids(tokenizer, config.eos_token_id)
+    return config
+
+
+def save_generation_config(folder, model, tokenizer):
+    """folder/generation_config.json for a trained model or adapter: the model's generation config (a fresh one if it
+    has none) with eos_token_id = stop_token_ids and the tokenizer's pad (and bos when the config has none), so
+    generate(), tools/generate.py, merge_lora.py and serving engines stop at the end of a reply."""
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(getattr(model, "generation_config", None)) or GenerationConfig()
+    config.eos_token_id = stop_token_ids(tokenizer, config.eos_token_id)
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.bos_token_id is None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(folder)
     return config
 
 
