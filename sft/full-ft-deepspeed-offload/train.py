@@ -25,6 +25,7 @@ from common.config import UserError, config_to_dict, exit_on_user_error, parse_c
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
                                     quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
+from common.inference import save_generation_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import load_model, load_tokenizer, resolve_model_path
@@ -284,7 +285,8 @@ def main(cfg: Config) -> dict:
     state_dict = gather_full_state_dict(engine)
     if rt.is_main:
         atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=state_dict),
-                                               tokenizer.save_pretrained(d)))
+                                               tokenizer.save_pretrained(d),
+                                               save_generation_config(d, model, tokenizer)))
     del state_dict
     eval_loss = None
     if eval_examples:

@@ -30,6 +30,7 @@ from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer
 from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
+from common.inference import save_generation_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import (add_lora, describe_layer_split, layer_split_device_map, load_tokenizer,
@@ -92,13 +93,15 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
     input_device = model.get_input_embeddings().weight.device  # the first GPU of a layer split
     with torch.no_grad(), autocast():
         for idx in batches:
-            batch = {k: v.to(input_device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
+            batch = collate_left_padded([examples[i] for i in idx], pad_id)
+            window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
+            n_tokens += count_trained_tokens(batch["labels"])
+            batch = {k: v.to(input_device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
-            loss_sum += token_loss_sum(logits, labels.to(logits.device)).item()
-            n_tokens += count_trained_tokens(labels)
+            logits = model(**batch, use_cache=False, logits_to_keep=window).logits
+            loss_sum += token_loss_sum(logits, labels.to(logits.device)).double()  # on the device, read once below
     model.train()
-    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+    loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
     return loss_sum / max(n_tokens, 1)
 
 
@@ -211,19 +214,20 @@ def main(cfg: Config) -> dict:
                                                           sum(b["input_ids"].numel() for b in chunk)], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
+            window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
             batch = {k: v.to(input_device) for k, v in batch.items()}
             labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
                 # logits only where a trained token is predicted (the answers), not over the prompts
-                logits = train_model(**batch, use_cache=False, logits_to_keep=loss_window(labels)).logits
+                logits = train_model(**batch, use_cache=False, logits_to_keep=window).logits
                 micro_loss = token_loss_sum(logits, labels.to(logits.device))
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
             scaler.scale(micro_loss * rt.world_size / max(n_trained, 1)).backward()
-            loss_sum += micro_loss.item()
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         scaler.unscale_(optimizer)  # clip and report the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
         loss = loss_sum / max(n_trained, 1)
         # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
         if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
@@ -265,7 +269,8 @@ def main(cfg: Config) -> dict:
     # ---- save and final eval
     final_dir = out / "final"
     if rt.is_main:
-        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d),
+                                               save_generation_config(d, model, tokenizer)))
     eval_loss = None
     if eval_examples:
         eval_loss = evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)
