@@ -26,7 +26,7 @@ from common.checkpoint import atomic_write_dir  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.inference import (head_info, import_gptqmodel_quietly, load_inference_tokenizer,  # noqa: E402
                               make_safetensors_readable, quantization_method, read_adapter_config,
-                              resolve_model_option)
+                              resolve_model_option, save_generation_config)
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -135,6 +135,8 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "auto") -> dict:
         tokenizer.save_pretrained(folder)
         if head is not None:
             shutil.copy(adapter_dir / head["file"], folder / head["file"])
+        else:  # a causal LM: eos and the end-of-turn token of the chat template the adapter trained with
+            save_generation_config(folder, merged, tokenizer)
         make_safetensors_readable(folder)
 
     atomic_write_dir(out_dir, write)
