@@ -9,7 +9,8 @@ Packing: documents are tokenized as BOS + text + EOS and concatenated into one s
 tokens with a stride of seq_len - 1, so the last token of a window is the first of the next and every token but the
 very first is a prediction target exactly once. With `document_mask` a window's documents do not attend to each
 other: position ids restart at each document (a document starts after an EOS) and, for sdpa, a block-diagonal causal
-4D mask goes with them (flash-attention 2 reads the document starts from the position ids alone).
+4D mask goes with them; for flash-attention 2 ('positions') the batch is joined into one row of batch_size x seq_len
+tokens, as its kernel reads the document starts from the position ids alone and only in a batch of one row.
 
 Splitting: the stream has n_slots = world_size x num_workers slots, slot = rank x num_workers + worker. Text sources
 give slot s the documents i with i % n_slots == s (each slot tokenizes only its own); token files give slot s the
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from common.config import UserError
-from common.data import DataError
+from common.data import DataError, flatten_for_flash_attention
 
 TEXT_SUFFIXES = (".jsonl.zst", ".jsonl", ".json")
 
@@ -204,7 +205,9 @@ def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def make_batch(windows: list[np.ndarray], eos_id: int, document_mask: str = "none") -> dict:
     """input_ids, labels (the same ids: the loss shifts them), position_ids; document_mask 'sdpa' adds a
-    block-diagonal causal mask (B, 1, L, L) and restarts positions per document, 'positions' only restarts them."""
+    block-diagonal causal mask (B, 1, L, L) and restarts positions per document, 'positions' (flash-attention 2)
+    restarts them and joins the rows into one (common.data.flatten_for_flash_attention: the first label of each row
+    is -100 there, so the loss sum is that of the (B, L) batch and the tokens it predicts number B x (L - 1))."""
     input_ids = torch.from_numpy(np.stack(windows))
     batch = {"input_ids": input_ids, "labels": input_ids.clone()}
     length = input_ids.shape[1]
@@ -221,6 +224,8 @@ def make_batch(windows: list[np.ndarray], eos_id: int, document_mask: str = "non
     if document_mask == "sdpa":
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         batch["attention_mask"] = (causal & (docs[:, :, None] == docs[:, None, :])).unsqueeze(1)
+    if document_mask == "positions":
+        return flatten_for_flash_attention(batch)
     return batch
 
 
