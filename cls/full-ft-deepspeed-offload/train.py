@@ -294,19 +294,20 @@ def main(cfg: Config) -> dict:
         n_examples, n_tokens = all_reduce_sum([sum(len(c) for c in chunk),
                                                sum(len(e["input_ids"]) for c in chunk for e in c)], rt)
         loss_sum = 0.0
-        for examples in chunk:
+        for i, examples in enumerate(chunk):
             batch = {k: v.to(rt.device) for k, v in collate_left_padded(examples, tokenizer.pad_token_id).items()}
             targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long,
                                    device=rt.device)
             micro_loss = step_loss_sum(engine(**batch), targets)
-            micro_value = micro_loss.item()
-            step_is_finite(step, micro_value, 0.0, "stop", out)  # before any update of this step
+            loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
+            if i == len(chunk) - 1:  # engine.step() updates at this one: read the step's losses once, before it
+                loss_value = float(loss_sum)
+                step_is_finite(step, loss_value, 0.0, "stop", out)
             # mean over the examples of the whole step on all ranks: scale_wrt_gas=False stops DeepSpeed dividing by
             # grad_accum again, and its gradient reduction averages over ranks, hence * world_size
             engine.backward(micro_loss * rt.world_size / n_examples, scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-            loss_sum += micro_value
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / n_examples
         dt = time.perf_counter() - t0
         train_seconds += dt
