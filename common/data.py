@@ -203,7 +203,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
     replies = [text for text, trained in chat_segments(probe, tokenizer, "the chat template") if trained]
     after_reply = replies[0].split(END_OF_TURN_PROBE, 1)[-1] if replies else ""
-    ids = tokenizer(after_reply, add_special_tokens=False).input_ids
+    ids = tokenizer(after_reply.lstrip(), add_special_tokens=False).input_ids  # Llama 2: ' </s>'
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     return ids[:1] if ids and ids[0] in special else []
 
