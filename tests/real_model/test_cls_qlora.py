@@ -40,7 +40,7 @@ def test_reward_model_learns_the_preferred_answers(smollm2_dir, tmp_path):
     evals_rows = [r for r in rows if "eval_loss" in r]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     before, after = evals_rows[0], evals_rows[-1]
-    assert after["eval_loss"] < 0.5 * before["eval_loss"], evals_rows  # measured: 0.66 -> 0.007
+    assert after["eval_loss"] < 0.5 * before["eval_loss"], evals_rows  # measured: 0.62 -> 0.001
     assert after["eval_pairwise_accuracy"] >= 0.9, evals_rows  # chance is 0.5; 0.75 before training
 
 
