@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common.gptq import quantize_gptq, quantize_placement
+from common.gptq import import_gptqmodel, quantize_gptq, quantize_placement
 
 
 def test_quantize_placement_loads_into_host_ram_with_or_without_a_gpu():
@@ -27,6 +27,10 @@ def test_quantize_gptq_with_a_gpu_loads_the_model_on_cpu_in_fp16(monkeypatch, tm
         seen.update(kwargs)
         raise LoadStopped
 
+    # imported for real first: imported while the GPU is faked, bitsandbytes half-loads (no bitsandbytes.nn) and
+    # every later 4-bit test in the session fails
+    import bitsandbytes  # noqa: F401
+    import_gptqmodel()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording_from_pretrained)
     with pytest.raises(LoadStopped):
