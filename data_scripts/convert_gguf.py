@@ -21,11 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
 from common.checkpoint import atomic_write_dir  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
+from common.data import end_of_turn_ids  # noqa: E402
+from common.inference import save_generation_config  # noqa: E402
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("fp32", "bf16", "fp16")
-PROBE_REPLY = "PROBE-REPLY"  # text rendered as an assistant turn to find the template's end-of-turn token
 
 
 def gguf_architecture(path: Path) -> str:
@@ -45,19 +46,6 @@ def gguf_architecture(path: Path) -> str:
     if field is None:
         raise UserError(f"{path}: the GGUF file has no general.architecture field")
     return str(field.contents())
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template puts right after an assistant's answer (None without a template)."""
-    if not tokenizer.chat_template:
-        return None
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_REPLY}]
-    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
-    after_reply = rendered.split(PROBE_REPLY, 1)[-1]
-    ids = tokenizer(after_reply, add_special_tokens=False).input_ids
-    first = tokenizer.convert_ids_to_tokens(ids[:1])
-    special = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.added_tokens_decoder.values()}
-    return first[0] if first and first[0] in special else None
 
 
 def load_gguf(path: Path):
@@ -86,17 +74,6 @@ def plain_llama(gguf_model, dtype):
     return model.to(dtype).eval()
 
 
-def generation_config_for(tokenizer, eot: str | None):
-    from transformers import GenerationConfig
-
-    eos_ids = [tokenizer.eos_token_id]
-    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    if eot_id is not None and eot_id not in eos_ids:
-        eos_ids.append(eot_id)
-    eos = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-
-
 def convert_gguf(gguf_path: str, out: str, dtype_name: str = "fp32") -> dict:
     import torch
 
@@ -112,12 +89,13 @@ def convert_gguf(gguf_path: str, out: str, dtype_name: str = "fp32") -> dict:
     del gguf_model
     if not tokenizer.chat_template:
         print("note: the GGUF file has no chat template; --prompt_template=chat will not work with this model")
-    eot = end_of_turn_token(tokenizer)
-    model.generation_config = generation_config_for(tokenizer, eot)
+    eot_ids = end_of_turn_ids(tokenizer)
+    eot = tokenizer.convert_ids_to_tokens(eot_ids[0]) if eot_ids else None
 
     def write(folder: Path):
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        save_generation_config(folder, model, tokenizer)  # eos: EOS and the chat template's end-of-turn token
 
     atomic_write_dir(Path(out), write)
     config = model.config

@@ -89,19 +89,3 @@ def test_missing_file_text_file_and_other_architecture_are_one_line_errors(tmp_p
     line = one_line_error(capsys, f"--gguf={other}", out)
     assert line.startswith(f"error: {other}: the GGUF architecture is 'qwen2';") and "Llama" in line
     assert not (tmp_path / "out").exists()
-
-
-def test_end_of_turn_token_other_than_eos_joins_the_generation_eos(tokenizer):
-    """As Llama 3's <|eot_id|> (eos is <|end_of_text|>): the token after an assistant reply stops generation too.
-    The tiny tokenizer with a template that ends each turn with <|user|>, a special token that is not EOS."""
-    import copy
-
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|user|>' }}{% endfor %}"
-    eot = convert_gguf.end_of_turn_token(tok)
-    assert eot == "<|user|>"
-    config = convert_gguf.generation_config_for(tok, eot)
-    assert config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|user|>")]
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-    assert convert_gguf.end_of_turn_token(tok) is None  # plain text after the reply: EOS alone
-    assert convert_gguf.generation_config_for(tok, None).eos_token_id == tok.eos_token_id
