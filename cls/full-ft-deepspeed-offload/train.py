@@ -301,13 +301,13 @@ def main(cfg: Config) -> dict:
             micro_loss = step_loss_sum(engine(**batch), targets)
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
             if i == len(chunk) - 1:  # engine.step() updates at this one: read the step's losses once, before it
-                loss_value = float(loss_sum)
-                step_is_finite(step, loss_value, 0.0, "stop", out)
+                # summed over the ranks first: a nan on any rank stops every rank, none is left waiting in backward
+                (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)
+                step_is_finite(step, loss_sum, 0.0, "stop", out)
             # mean over the examples of the whole step on all ranks: scale_wrt_gas=False stops DeepSpeed dividing by
             # grad_accum again, and its gradient reduction averages over ranks, hence * world_size
             engine.backward(micro_loss * rt.world_size / n_examples, scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / n_examples
         dt = time.perf_counter() - t0
         train_seconds += dt

@@ -211,12 +211,12 @@ def main(cfg: Config) -> dict:
             micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
             if i == cfg.grad_accum - 1:  # engine.step() updates at this one: read the step's losses once, before it
-                loss_value = float(loss_sum)
-                step_is_finite(step, loss_value, 0.0, "stop", out)
+                # summed over the ranks first: a nan on any rank stops every rank, none is left waiting in backward
+                (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)
+                step_is_finite(step, loss_sum, 0.0, "stop", out)
             # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
-        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / predicted_per_step
         if rt.device.type == "cuda":
             torch.cuda.synchronize()

@@ -243,14 +243,14 @@ def main(cfg: Config) -> dict:
             micro_loss = token_loss_sum(logits, labels)
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
             if i == len(chunk) - 1:  # engine.step() updates at this one: read the step's losses once, before it
-                loss_value = float(loss_sum)
-                step_is_finite(step, loss_value, 0.0, "stop", out)
+                # summed over the ranks first: a nan on any rank stops every rank, none is left waiting in backward
+                (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)
+                step_is_finite(step, loss_sum, 0.0, "stop", out)
             # The loss is already a share of the step's mean, so undo both of DeepSpeed's own divisions:
             # scale_wrt_gas=False stops backward() dividing by grad_accum, and the gradient reduction averages over
             # ranks, so multiplying by world_size makes it the sum over all ranks' tokens.
             engine.backward(micro_loss * rt.world_size / max(n_trained, 1), scale_wrt_gas=False)
             engine.step()  # steps optimizer and schedule (and clips) only after the grad_accum-th micro-batch
-        (loss_sum,) = all_reduce_sum([loss_value], rt)
         loss = loss_sum / max(n_trained, 1)
         dt = time.perf_counter() - t0
         train_seconds += dt
