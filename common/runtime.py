@@ -155,11 +155,6 @@ def training_precision(device: torch.device, loss_scaling: str) -> Precision:
     return Precision(torch.float32, False, f"fp32 ({capability}: no bf16, and FSDP here keeps no loss scaler)")
 
 
-def training_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of training_precision for a recipe without a loss scaler (bf16 from compute capability 8.0)."""
-    return training_precision(device, "none").dtype
-
-
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     """Sum a few numbers over all ranks (identity in a single process)."""
     if not runtime.distributed:
