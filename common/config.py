@@ -26,9 +26,6 @@ class UserError(ValueError):
     """A mistake in what the user gave (option, file, path): reported as one line, no traceback."""
 
 
-class ConfigError(UserError):
-    pass
-
 
 def field_comments(cls) -> dict[str, str]:
     """The `# comment` on each field's line in the class source (empty when the source is unavailable)."""
@@ -66,7 +63,7 @@ def parse_bool(raw: str) -> bool:
 
 
 def convert(name: str, raw: str, tp):
-    """Convert the string `raw` for field `name` to type `tp`, or raise ConfigError saying what was expected."""
+    """Convert the string `raw` for field `name` to type `tp`, or raise UserError saying what was expected."""
     tp, optional = _unwrap_optional(tp)
     if optional and raw.lower() in ("none", "null", ""):
         return None
@@ -79,16 +76,16 @@ def convert(name: str, raw: str, tp):
             for choice in choices:
                 if str(choice) == raw:
                     return choice
-            raise ConfigError(f"--{name}: {raw!r} is not one of {', '.join(map(str, choices))}")
+            raise UserError(f"--{name}: {raw!r} is not one of {', '.join(map(str, choices))}")
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(tp) or (str,)
             return [convert(name, part.strip(), item_tp) for part in raw.split(",") if part.strip()]
         if tp in (int, float, str):
             return tp(raw)
-    except ConfigError:
+    except UserError:
         raise
     except ValueError:
-        raise ConfigError(f"--{name}: expected {getattr(tp, '__name__', tp)}, got {raw!r}") from None
+        raise UserError(f"--{name}: expected {getattr(tp, '__name__', tp)}, got {raw!r}") from None
     raise TypeError(f"Config field {name}: unsupported type {tp}")
 
 
@@ -116,11 +113,11 @@ def parse_config(cls, argv: list[str] | None = None):
             print(config_help(cls))
             sys.exit(0)
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
+            raise UserError(f"unexpected argument {arg!r}; options look like --key=value")
         key, has_value, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in hints:
-            raise ConfigError(f"unknown option --{key}; valid options: {', '.join('--' + n for n in names)}")
+            raise UserError(f"unknown option --{key}; valid options: {', '.join('--' + n for n in names)}")
         if not has_value:
             next_is_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if _unwrap_optional(hints[key])[0] is bool and not next_is_value:
@@ -129,7 +126,7 @@ def parse_config(cls, argv: list[str] | None = None):
                 i += 1
                 value = argv[i]
             else:
-                raise ConfigError(f"--{key} needs a value")
+                raise UserError(f"--{key} needs a value")
         overrides[key] = convert(key, value, hints[key])
         i += 1
     return cls(**overrides)

@@ -347,6 +347,23 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     return batches[rank::world_size]
 
 
+def batch_stream(plan, start_batch: int = 0):
+    """This rank's batches without end, epoch after epoch: `plan(epoch)` gives one epoch's batches (plan_batches with
+    the recipe's settings). start_batch skips that many batches first, so a resumed run sees the batches it would
+    have seen had it never stopped (resuming at step s skips s * grad_accum)."""
+    epoch, skip = 0, start_batch
+    while True:
+        batches = plan(epoch)
+        if not batches:
+            raise ValueError("batch_stream: the plan has no batches for an epoch")
+        if skip >= len(batches):  # a whole epoch already trained on: skip it without yielding
+            skip -= len(batches)
+        else:
+            yield from batches[skip:]
+            skip = 0
+        epoch += 1
+
+
 def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
     """Concatenate examples into rows of at most pack_len tokens (best fit, longest first), each row keeping its
     examples' labels and lengths (`segments`) so collate_packed can keep them apart. Deterministic."""

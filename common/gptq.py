@@ -26,7 +26,8 @@ import torch
 
 from common.checkpoint import atomic_write_dir
 from common.config import UserError
-from common.model import cache_dir, fitting_layer_split, materialize_tiny_llama, resolve_model_path
+from common.layer_split import fitting_layer_split
+from common.model import cache_dir, materialize_tiny_llama, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTIZE_SCRIPT = REPO / "data_scripts" / "quantize_gptq.py"

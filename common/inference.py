@@ -1,7 +1,7 @@
 """Using what the recipes trained: finding what an output folder holds, loading it to generate or score, rendering
 prompts the way training did, and batched left-padded generation. Shared by tools/*.py.
 
-    model_dir = resolve_model_option("tiny", "model")             # 'tiny' or a local checkpoint folder
+    model_dir = resolve_model_path("tiny", option="model")             # 'tiny' or a local checkpoint folder
     head = head_info(adapter_dir)                                 # labels.json / reward_model.json, or None
     model = load_for_inference(model_dir, adapter_dir, num_labels=head["num_labels"])
     text, add_special = generation_prompt(record, tokenizer)      # what the model saw before its answer
@@ -30,14 +30,6 @@ from common.model import load_model, load_tokenizer, resolve_model_path
 HEAD_FILES = ("labels.json", "reward_model.json")  # what the cls recipes write beside a classifier / reward model
 
 
-def resolve_model_option(value: str, option: str) -> Path:
-    """resolve_model_path, with its errors naming this tool's option (--model, --base) instead of --model_path."""
-    try:
-        return resolve_model_path(value)
-    except UserError as e:
-        raise UserError(str(e).replace("--model_path=", f"--{option}=")) from None
-
-
 def read_adapter_config(adapter_dir, option="adapter") -> dict:
     """adapter_config.json of a LoRA output folder (out/final); a clear error for a folder that is not one."""
     adapter_dir = Path(adapter_dir)
@@ -63,7 +55,7 @@ def resolve_model_and_adapter(model: str | None, adapter: str | None) -> tuple[P
     model = model or adapter_config.get("base_model_name_or_path")
     if not model:
         raise UserError("--model is needed (or an --adapter whose adapter_config.json names its base)")
-    return resolve_model_option(model, "model"), Path(adapter) if adapter else None
+    return resolve_model_path(model, option="model"), Path(adapter) if adapter else None
 
 
 def head_info(folder) -> dict | None:

@@ -84,9 +84,10 @@ class StepLogger:
             return
         unknown = set(report_to) - set(REPORTERS)
         if unknown:
-            from common.config import ConfigError
+            from common.config import UserError
 
-            raise ConfigError(f"--report_to: unknown {sorted(unknown)}; expected some of {', '.join(REPORTERS)}")
+            raise UserError(f"--report_to: unknown {sorted(unknown)}; expected some of {', '.join(REPORTERS)}")
+        report_to = [name for name in report_to if name != "none"]  # --report_to=none: metrics.jsonl only
         self.metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter

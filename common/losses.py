@@ -1,5 +1,7 @@
 """Losses, written as sums so a step's loss can be normalised by the trained tokens of the whole step
 (all micro-batches, all ranks): the mean over tokens, however the batch was split."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +63,30 @@ def pairwise_loss_sum(chosen_rewards, rejected_rewards):
 
 class NonFiniteLoss(UserError):
     """A step's loss or gradient norm is nan or inf (reported as one line: it names the step and what to do)."""
+
+
+def is_finite(loss: float, grad_norm, loss_scaled: bool = False) -> bool:
+    """Whether a step may update the weights: its loss and gradient norm are finite numbers.
+
+    loss_scaled: an enabled torch.amp.GradScaler (fp16) steps the optimizer. Its inf gradients with a finite loss are
+    an fp16 overflow of the scaled loss, which scaler.step skips and scaler.update answers by halving the scale: a
+    normal event in fp16 training, not a reason to stop. Only the loss counts then."""
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    if loss_scaled:
+        return math.isfinite(loss)
+    return math.isfinite(loss) and math.isfinite(norm)
+
+
+def non_finite_error(step: int, loss: float, grad_norm, output_dir) -> NonFiniteLoss:
+    """The one-line error a recipe raises on a non-finite step with --on_nan=stop, before any update, so the weights
+    and the last checkpoint stay as they were: it names the step, the values, the last checkpoint and what to do."""
+    from common.checkpoint import latest_checkpoint
+
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    last = latest_checkpoint(output_dir)
+    return NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {norm}; stopped before updating the weights "
+                         f"(last checkpoint: {last or 'none'}); lower --lr or check the data, resume with --resume, "
+                         "or skip such steps with --on_nan=skip")
 
 
 def step_is_finite(step: int, loss: float, grad_norm, on_nan: str, output_dir, loss_scaled: bool = False) -> bool:

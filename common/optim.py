@@ -18,9 +18,9 @@ def resolve_lr(lr: float | None, model_path: str, real_base_lr: float, tiny_lr: 
     tiny_lr with --model_path=tiny (the random-init test Llama needs a higher rate to show learning in a minute)."""
     if lr is not None:
         if not lr > 0:
-            from common.config import ConfigError
+            from common.config import UserError
 
-            raise ConfigError(f"--lr={lr}: expected a positive learning rate")
+            raise UserError(f"--lr={lr}: expected a positive learning rate")
         return LearningRate(lr, f"{lr:.1e} (--lr)")
     if model_path == "tiny":
         return LearningRate(tiny_lr, f"{tiny_lr:.1e} (tiny model; a real base gets {real_base_lr:.1e})")
@@ -34,9 +34,9 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float, device: tor
     need bitsandbytes on a GPU; on CPU they fall back to torch AdamW.
     """
     if name not in OPTIMIZERS:
-        from common.config import ConfigError
+        from common.config import UserError
 
-        raise ConfigError(f"--optim={name}: expected one of {', '.join(OPTIMIZERS)}")
+        raise UserError(f"--optim={name}: expected one of {', '.join(OPTIMIZERS)}")
     decay, no_decay = [], []
     for param_name, p in model.named_parameters():
         if p.requires_grad:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common.config import UserError
-from common.model import bnb_quantization_config, disable_bnb_cpu_inference_repack, meta_model
+from common.layer_split import meta_model
+from common.model import bnb_quantization_config, disable_bnb_cpu_inference_repack
 
 
 def release_freed_host_memory() -> None:

@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
 from common.checkpoint import atomic_write_dir  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
-from common.inference import make_safetensors_readable, quantization_method, resolve_model_option  # noqa: E402
+from common.inference import make_safetensors_readable, quantization_method  # noqa: E402
+from common.model import resolve_model_path  # noqa: E402
 
 DELTA_FORMAT = "llama-train-recipes weight delta v1"
 MANIFEST = "delta.json"
@@ -151,7 +152,7 @@ def grown_rows(name: str, base_shape, target_shape, base_vocab, target_vocab) ->
 
 def make_delta(base: str, target: str, out: str) -> dict:
     """Write the delta of target against base to out (atomically). Returns counts by kind and the sizes."""
-    base_dir, target_dir, out_dir = resolve_model_option(base, "base"), Path(target), Path(out)
+    base_dir, target_dir, out_dir = resolve_model_path(base, option="base"), Path(target), Path(out)
     if not (target_dir / "config.json").is_file():
         raise UserError(f"--target={target}: no config.json; expected a Hugging Face model folder")
     base_files, target_files = weight_files(base_dir, "base"), weight_files(target_dir, "target")
@@ -212,7 +213,7 @@ def make_delta(base: str, target: str, out: str) -> dict:
 
 def apply_delta(base: str, delta: str, out: str) -> dict:
     """Rebuild the target from base + the delta folder into out (atomically), after checking the base's hashes."""
-    base_dir, delta_dir, out_dir = resolve_model_option(base, "base"), Path(delta), Path(out)
+    base_dir, delta_dir, out_dir = resolve_model_path(base, option="base"), Path(delta), Path(out)
     if not (delta_dir / MANIFEST).is_file():
         raise UserError(f"--delta={delta}: no {MANIFEST} here; expected a folder written by apply_delta.py make")
     manifest = json.loads((delta_dir / MANIFEST).read_text())

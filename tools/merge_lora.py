@@ -24,10 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
 from common.checkpoint import atomic_write_dir  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
-from common.inference import (head_info, import_gptqmodel_quietly, load_inference_tokenizer,  # noqa: E402
-                              make_safetensors_readable, quantization_method, read_adapter_config,
-                              resolve_model_option, save_generation_config)
+from common.inference import (  # noqa: E402
+    head_info,
+    import_gptqmodel_quietly,
+    load_inference_tokenizer,
+    make_safetensors_readable,
+    quantization_method,
+    read_adapter_config,
+    save_generation_config,
+)
 from common.logs import quiet_third_party_logs  # noqa: E402
+from common.model import resolve_model_path  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # fields that must agree between the base the adapter was trained on and the --base it is merged onto
@@ -97,7 +104,7 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "auto") -> dict:
                         "the weights")
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
-    base_dir = resolve_model_option(base, "base")
+    base_dir = resolve_model_path(base, option="base")
     method = quantization_method(base_dir)
     if method:
         raise UserError(f"--base={base}: a {method}-quantized checkpoint; merging needs the full-precision model "

@@ -25,18 +25,36 @@ from typing import Literal, Optional
 import torch
 
 from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir, resume_checkpoint
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
-from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
-                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
+from common.deepspeed_utils import (
+    fill_ds_config,
+    gather_full_state_dict,
+    load_deepspeed_checkpoint,
+    quiet_deepspeed_warnings,
+    read_ds_config,
+    save_deepspeed_checkpoint,
+)
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import classification_loss_sum, regression_loss_sum, step_is_finite
-from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
-                            regression_metrics)
+from common.metrics import (
+    balanced_class_weights,
+    classification_metrics,
+    majority_baseline,
+    mean_baseline,
+    regression_metrics,
+)
 from common.model import PooledClassifier, load_model, load_tokenizer, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_precision)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    set_single_process_env,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 
@@ -118,13 +136,13 @@ def main(cfg: Config) -> dict:
     import deepspeed
 
     if cfg.offload_params and cfg.zero_stage != 3:
-        raise ConfigError("--offload_params needs --zero_stage=3 (ZeRO-2 keeps the full weights on every GPU)")
+        raise UserError("--offload_params needs --zero_stage=3 (ZeRO-2 keeps the full weights on every GPU)")
     if len(cfg.adam_betas) != 2:
-        raise ConfigError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+        raise UserError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
     regression = cfg.task == "regression"
     loss_name = cfg.loss if cfg.loss != "auto" else ("mse" if regression else "ce")
     if (loss_name in ("mse", "huber")) != regression:
-        raise ConfigError(f"--loss={loss_name} does not fit --task={cfg.task}")
+        raise UserError(f"--loss={loss_name} does not fit --task={cfg.task}")
     quiet_third_party_logs()
     quiet_deepspeed_warnings()
     set_single_process_env()
@@ -153,7 +171,7 @@ def main(cfg: Config) -> dict:
         weights = (balanced_class_weights(train_targets, len(labels)) if cfg.class_weights == "balanced"
                    else [float(w) for w in cfg.class_weights.split(",")])
         if len(weights) != len(labels):
-            raise ConfigError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
+            raise UserError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
         class_weights = torch.tensor(weights, device=rt.device)
     lengths = [len(e["input_ids"]) for e in train_examples]
     plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731

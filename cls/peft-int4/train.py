@@ -32,20 +32,37 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
-                               resume_checkpoint, save_checkpoint)
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from common.checkpoint import (
+    atomic_write_dir,
+    latest_checkpoint,
+    load_trainer_state,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
+from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
+from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import classification_loss_sum, regression_loss_sum, step_is_finite
-from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
-from common.metrics import (balanced_class_weights, classification_metrics, majority_baseline, mean_baseline,
-                            regression_metrics)
-from common.model import (PooledClassifier, add_lora, describe_layer_split, layer_split_device_map, load_tokenizer,
-                          prepare_for_lora_training)
+from common.metrics import (
+    balanced_class_weights,
+    classification_metrics,
+    majority_baseline,
+    mean_baseline,
+    regression_metrics,
+)
+from common.model import PooledClassifier, add_lora, load_tokenizer, prepare_for_lora_training
 from common.optim import make_optimizer, resolve_lr, warmup_cosine
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested,
-                            training_precision)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 
@@ -135,7 +152,7 @@ def main(cfg: Config) -> dict:
     regression = cfg.task == "regression"
     loss_name = cfg.loss if cfg.loss != "auto" else ("mse" if regression else "ce")
     if (loss_name in ("mse", "huber")) != regression:
-        raise ConfigError(f"--loss={loss_name} does not fit --task={cfg.task}")
+        raise UserError(f"--loss={loss_name} does not fit --task={cfg.task}")
 
     # ---- tokenizer and data
     model_dir = resolve_gptq_model_path(cfg.model_path)  # a folder that is not GPTQ: an error with the command to quantize it
@@ -154,7 +171,7 @@ def main(cfg: Config) -> dict:
         weights = (balanced_class_weights(train_targets, len(labels)) if cfg.class_weights == "balanced"
                    else [float(w) for w in cfg.class_weights.split(",")])
         if len(weights) != len(labels):
-            raise ConfigError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
+            raise UserError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
         class_weights = torch.tensor(weights)
     lengths = [len(e["input_ids"]) for e in train_examples]
     plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731

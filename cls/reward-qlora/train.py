@@ -30,18 +30,38 @@ from typing import Literal, Optional
 
 import torch
 
-from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_trainer_state, prepare_output_dir,
-                               resume_checkpoint, save_checkpoint)
+from common.checkpoint import (
+    atomic_write_dir,
+    latest_checkpoint,
+    load_trainer_state,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from common.config import config_to_dict, exit_on_user_error, parse_config
 from common.data import build_preference_examples, collate_left_padded, plan_batches, read_records
+from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import pairwise_loss_sum, step_is_finite
 from common.metrics import pairwise_metrics
-from common.model import (PooledClassifier, add_lora, count_parameters, describe_layer_split, layer_split_device_map,
-                          load_model, load_tokenizer, prepare_for_lora_training, resolve_model_path)
+from common.model import (
+    PooledClassifier,
+    add_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    prepare_for_lora_training,
+    resolve_model_path,
+)
 from common.optim import make_optimizer, resolve_lr, warmup_cosine
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, setup_runtime, stop_requested,
-                            training_precision)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 

@@ -19,17 +19,38 @@ from typing import Literal, Optional
 import torch
 
 from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir, resume_checkpoint
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
-from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
-                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
+from common.deepspeed_utils import (
+    fill_ds_config,
+    gather_full_state_dict,
+    load_deepspeed_checkpoint,
+    quiet_deepspeed_warnings,
+    read_ds_config,
+    save_deepspeed_checkpoint,
+)
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
-from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
-                          resolve_attention, resolve_model_path)
+from common.model import (
+    grow_vocabulary,
+    load_tokenizer,
+    pretrain_model_config,
+    pretrain_tokenizer_dir,
+    resolve_attention,
+    resolve_model_path,
+)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, save_timeout, set_single_process_env,
-                            setup_runtime, stop_requested, training_precision, wait_for_all)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    save_timeout,
+    set_single_process_env,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+    wait_for_all,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +102,7 @@ def build_model(cfg: Config, tokenizer, dtype, device, attn: str, gather):
     from transformers import AutoModelForCausalLM
 
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from), dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from, option="init_from"), dtype=dtype,
                                                      attn_implementation=attn, local_files_only=True,
                                                      trust_remote_code=False)
     else:
@@ -97,7 +118,7 @@ def main(cfg: Config) -> dict:
     import deepspeed
 
     if len(cfg.adam_betas) != 2:
-        raise ConfigError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+        raise UserError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
     quiet_third_party_logs()
     quiet_deepspeed_warnings()
     set_single_process_env()

@@ -22,17 +22,39 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import (atomic_write_dir, cast_floating, latest_checkpoint, load_sharded_trainer_state,
-                               prepare_output_dir, resume_checkpoint, save_sharded_checkpoint)
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from common.checkpoint import (
+    atomic_write_dir,
+    cast_floating,
+    latest_checkpoint,
+    load_sharded_trainer_state,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_sharded_checkpoint,
+)
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
-from common.model import (grow_vocabulary, load_tokenizer, pretrain_model_config, pretrain_tokenizer_dir,
-                          resolve_attention, resolve_model_path)
+from common.model import (
+    grow_vocabulary,
+    load_tokenizer,
+    pretrain_model_config,
+    pretrain_tokenizer_dir,
+    resolve_attention,
+    resolve_model_path,
+)
 from common.optim import warmup_cosine, weight_decay_groups
 from common.pretrain_data import eval_batches, flops_per_token, open_token_source, packed_loader, peak_tflops
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, save_timeout, set_single_process_env,
-                            setup_runtime, stop_requested, training_precision, wait_for_all)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    save_timeout,
+    set_single_process_env,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+    wait_for_all,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +104,7 @@ def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
     from transformers import AutoModelForCausalLM
 
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from), dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from, option="init_from"), dtype=torch.float32,
                                                      local_files_only=True, trust_remote_code=False)
         added = grow_vocabulary(model, len(tokenizer))
     else:
@@ -92,13 +114,18 @@ def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
 
 def main(cfg: Config) -> dict:
     # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
     if len(cfg.adam_betas) != 2:
-        raise ConfigError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
+        raise UserError(f"--adam_betas: expected two numbers beta1,beta2, got {cfg.adam_betas}")
     quiet_third_party_logs()
     set_single_process_env()
     rt = setup_runtime(cfg.seed)

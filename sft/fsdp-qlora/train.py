@@ -23,9 +23,15 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import (atomic_write_dir, latest_checkpoint, load_sharded_trainer_state, prepare_output_dir,
-                               resume_checkpoint, save_sharded_checkpoint)
-from common.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from common.checkpoint import (
+    atomic_write_dir,
+    latest_checkpoint,
+    load_sharded_trainer_state,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_sharded_checkpoint,
+)
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
 from common.inference import save_generation_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
@@ -33,8 +39,16 @@ from common.losses import count_trained_tokens, loss_window, step_is_finite, tok
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
 from common.quant_load import build_4bit_model_on_meta, load_4bit_weights
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, process_group_backend, set_single_process_env,
-                            setup_runtime, stop_requested, training_precision)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    process_group_backend,
+    set_single_process_env,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 
@@ -102,14 +116,19 @@ def evaluate(model, batches, examples, pad_id, rt) -> float:
 def main(cfg: Config) -> dict:
     # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     quiet_third_party_logs()
     set_single_process_env()
     rt = setup_runtime(cfg.seed, cpu_offload=cfg.cpu_offload)  # offloaded gradients: a gloo backend beside NCCL
     if cfg.cpu_offload and rt.device.type != "cuda":
-        raise ConfigError("--cpu_offload=true: offloads GPU memory to the host; on CPU there is nothing to offload")
+        raise UserError("--cpu_offload=true: offloads GPU memory to the host; on CPU there is nothing to offload")
     if not dist.is_initialized():
         dist.init_process_group(process_group_backend(rt.device.type, cfg.cpu_offload))
     out = Path(cfg.output_dir)

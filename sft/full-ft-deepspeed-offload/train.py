@@ -23,15 +23,28 @@ import torch
 from common.checkpoint import atomic_write_dir, latest_checkpoint, prepare_output_dir, resume_checkpoint
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
-from common.deepspeed_utils import (fill_ds_config, gather_full_state_dict, load_deepspeed_checkpoint,
-                                    quiet_deepspeed_warnings, read_ds_config, save_deepspeed_checkpoint)
+from common.deepspeed_utils import (
+    fill_ds_config,
+    gather_full_state_dict,
+    load_deepspeed_checkpoint,
+    quiet_deepspeed_warnings,
+    read_ds_config,
+    save_deepspeed_checkpoint,
+)
 from common.inference import save_generation_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
 from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
 from common.model import load_model, load_tokenizer, resolve_model_path
 from common.optim import warmup_cosine, weight_decay_groups
-from common.runtime import (all_reduce_sum, catch_stop_signals, cleanup, set_single_process_env, setup_runtime,
-                            stop_requested, training_precision)
+from common.runtime import (
+    all_reduce_sum,
+    catch_stop_signals,
+    cleanup,
+    set_single_process_env,
+    setup_runtime,
+    stop_requested,
+    training_precision,
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from common.config import ConfigError, config_help, parse_config, save_config
+from common.config import UserError, config_help, parse_config, save_config
 
 
 @dataclass
@@ -40,7 +40,7 @@ def test_optional_none():
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         parse_config(Cfg, ["--stepz=3"])
     assert "unknown option --stepz" in str(e.value) and "--steps" in str(e.value) and "--lr" in str(e.value)
 
@@ -51,7 +51,7 @@ def test_unknown_key_lists_valid_ones():
                                          (["--steps"], "--steps needs a value"),
                                          (["steps=3"], "unexpected argument")])
 def test_bad_values_are_clear(args, needle):
-    with pytest.raises(ConfigError, match=None) as e:
+    with pytest.raises(UserError, match=None) as e:
         parse_config(Cfg, args)
     assert needle in str(e.value)
 

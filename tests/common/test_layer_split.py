@@ -5,9 +5,16 @@ import re
 import pytest
 import torch
 
-from common.config import ConfigError, UserError
-from common.model import (MODEL_CONFIGS, bnb_quantization_config, check_layer_split_fits, describe_layer_split,
-                          fitting_layer_split, layer_split_device_map, meta_model, plan_layer_split)
+from common.config import UserError
+from common.layer_split import (
+    describe_layer_split,
+    fitting_layer_split,
+    layer_split_device_map,
+    meta_model,
+    plan_layer_split,
+    raise_if_layer_split_spills,
+)
+from common.model import MODEL_CONFIGS, bnb_quantization_config
 from tests.conftest import REPO, run_script
 
 GIB = 2**30
@@ -46,7 +53,7 @@ def test_auto_caps_every_visible_gpu_and_gives_the_cpu_nothing(two_gpus):
 ])
 def test_bad_values_are_one_line_config_errors_naming_the_field(two_gpus, device_map, cap, device, world_size,
                                                                  message):
-    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+    with pytest.raises(UserError, match=re.escape(message)) as error:
         layer_split_device_map(device_map, cap, device, world_size)
     assert "\n" not in str(error.value)
 
@@ -88,7 +95,7 @@ def test_65b_nf4_fits_two_24gb_gpus_split_by_layers_in_order(llama_65b):
     k = devices.count(0)
     assert devices == [0] * k + [1] * (config.num_hidden_layers - k)  # layers 0..k-1 on GPU 0, the rest on GPU 1
     assert plan["model.embed_tokens"] == 0 and plan["lm_head"] == 1
-    check_layer_split_fits(plan, max_memory)  # no error
+    raise_if_layer_split_spills(plan, max_memory)  # no error
     # the bytes placed on each GPU (NF4 weights at half a byte, the rest bf16) stay under the cap with the 10% that
     # bitsandbytes keeps for its quantization buffers
     model, quantizer = meta_model(config, torch.bfloat16, nf4)

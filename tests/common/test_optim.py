@@ -1,7 +1,7 @@
 """common/optim.py: the learning rate a run gets when --lr is not given."""
 import pytest
 
-from common.config import ConfigError
+from common.config import UserError
 from common.optim import resolve_lr
 
 
@@ -20,5 +20,5 @@ def test_a_given_lr_wins_over_both_defaults(model_path):
 
 @pytest.mark.parametrize("bad", [0.0, -1e-4, float("nan")])
 def test_a_non_positive_lr_is_a_config_error(bad):
-    with pytest.raises(ConfigError, match="--lr="):
+    with pytest.raises(UserError, match="--lr="):
         resolve_lr(bad, "tiny", real_base_lr=2e-4, tiny_lr=1e-3)

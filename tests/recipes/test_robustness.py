@@ -83,13 +83,13 @@ def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_deepspeed_before_its_update(tmp_path, monkeypatch):
-    from common.config import ConfigError
+    from common.config import UserError
     from common.losses import NonFiniteLoss, token_loss_sum
 
     monkeypatch.setattr(pretrain_ds, "token_loss_sum", nan_on_call(3, token_loss_sum))
     with pytest.raises(NonFiniteLoss, match="step 3: loss nan"):
         run_main(pretrain_ds, tmp_path / "ds", "--max_steps=5", "--batch_size=2")
-    with pytest.raises(ConfigError, match="--on_nan"):
+    with pytest.raises(UserError, match="--on_nan"):
         pretrain_ds.parse_config(pretrain_ds.Config, ["--on_nan=skip"])
 
 
