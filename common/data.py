@@ -297,6 +297,60 @@ def build_sft_examples(records, tokenizer, max_seq_len: int, prompt_template="al
     return examples, stats
 
 
+TRAINED_MARKERS = ("[[", "]]")  # around trained (labelled) text in render_trained_example
+TRAINED_COLOR = ("\033[32m", "\033[0m")  # green instead, when the text goes to a terminal
+
+
+def trained_pieces(example: dict, tokenizer) -> list[tuple[str, bool]]:
+    """An example's decoded text as [(text, trained)] pieces, one per run of tokens that are (or are not) labelled.
+    Special tokens are kept. Each run's text is the difference of two decoded prefixes, so spaces a tokenizer only
+    shows after an earlier token (SentencePiece's '▁') come out as in the whole decoded text."""
+    ids, labels = example["input_ids"], example["labels"]
+    trained = [i > 0 and label != IGNORE_INDEX for i, label in enumerate(labels)]  # position 0 is never predicted
+    pieces, start, done = [], 0, ""
+    for end in range(1, len(ids) + 1):
+        if end < len(ids) and trained[end] == trained[start]:
+            continue
+        upto = tokenizer.decode(ids[:end], skip_special_tokens=False)
+        run_alone = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        text = upto[len(done):] if upto.startswith(done) else run_alone
+        pieces.append((text, trained[start]))
+        start, done = end, upto
+    return pieces
+
+
+def cut_middle(pieces: list[tuple[str, bool]], max_chars: int) -> list[tuple[str, bool]]:
+    """Keep the first and last max_chars // 2 characters of the pieces' text, a ' [... N characters ...] ' piece
+    (not trained) between them."""
+    total = sum(len(text) for text, _ in pieces)
+    if total <= max_chars:
+        return pieces
+    head_left, tail_from = max_chars // 2, total - (max_chars - max_chars // 2)
+    head, tail, pos = [], [], 0
+    for text, trained in pieces:
+        if pos < head_left:
+            head.append((text[:head_left - pos], trained))
+        if pos + len(text) > tail_from:
+            tail.append((text[max(0, tail_from - pos):], trained))
+        pos += len(text)
+    cut_note = (f" [... {tail_from - head_left:,} characters ...] ", False)
+    return head + [cut_note] + tail
+
+
+def render_trained_example(example: dict, tokenizer, max_chars: int = 2000, color: bool | None = None) -> str:
+    """One example (or packed row) as decoded text with the trained (labelled) part marked, for the start-up block
+    and --inspect_data: special tokens shown, trained text inside [[ ]] (green instead when color, which defaults
+    to whether stdout is a terminal), an example longer than max_chars cut in the middle."""
+    import sys
+
+    use_color = sys.stdout.isatty() if color is None else color
+    opening, closing = TRAINED_COLOR if use_color else TRAINED_MARKERS
+    rendered = []
+    for text, trained in cut_middle(trained_pieces(example, tokenizer), max_chars):
+        rendered.append(f"{opening}{text}{closing}" if trained and text else text)
+    return "".join(rendered)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batching: left padding and the order of batches.
 
