@@ -351,6 +351,32 @@ def render_trained_example(example: dict, tokenizer, max_chars: int = 2000, colo
     return "".join(rendered)
 
 
+def length_summary(examples: list[dict]) -> str:
+    """The shortest, median and longest example in tokens."""
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    median = lengths[len(lengths) // 2]
+    return f"lengths min {lengths[0]:,}, median {median:,}, max {lengths[-1]:,} tokens"
+
+
+def sft_data_report(tokenizer, data_path, examples: list[dict], stats: DataStats, eval_path="", eval_stats=None,
+                    packed_rows: list[dict] | None = None, max_seq_len: int = 0) -> list[str]:
+    """The start-up block's data lines of an SFT recipe, also all that --inspect_data prints: counts of examples,
+    tokens, trained tokens, truncated and dropped ones, lengths, the packing, and the first training example (and
+    the first packed row) rendered with its trained part marked."""
+    lines = [f"data     train {data_path}: {stats.summary()}", f"         train {length_summary(examples)}"]
+    if eval_stats is not None:
+        lines.append(f"         eval  {eval_path}: {eval_stats.summary()}")
+    if packed_rows is not None:
+        packed_tokens = sum(len(row["input_ids"]) for row in packed_rows)
+        fill = packed_tokens / max(len(packed_rows) * max_seq_len, 1)
+        lines.append(f"packing  {len(examples):,} examples in {len(packed_rows):,} rows of up to {max_seq_len:,} "
+                     f"tokens, {fill:.1%} full")
+    lines.append(f"example  {render_trained_example(examples[0], tokenizer)}")
+    if packed_rows:
+        lines.append(f"packed row 1 {render_trained_example(packed_rows[0], tokenizer)}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batching: left padding and the order of batches.
 
