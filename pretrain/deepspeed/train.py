@@ -3,8 +3,10 @@ packed windows streamed from jsonl.zst shards or a pre-tokenized token file, ZeR
 
 Default run, no GPU, no download (tiny config, random init, the bundled English/Chinese corpus), about a minute:
     cd pretrain/deepspeed && bash run.sh
-A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py -> pretokenize.py):
-    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 --batch_size=8
+A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py ->
+pretokenize.py):
+    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 \
+        --batch_size=8
 Continue pretraining a checkpoint (a grown tokenizer resizes the embeddings, new rows at the mean):
     bash run.sh --init_from=/models/Llama-2-7b-hf --tokenizer_path=/tok-merged --data_path=/data/zh --zero_stage=3
 Several nodes: HOSTFILE=hostfile bash run.sh ...   Writes output_dir/: final/ (config.json, model.safetensors,
@@ -14,7 +16,7 @@ On a GPU: bf16, sdpa attention (flash-attention 2 when installed), torch's fused
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -29,7 +31,7 @@ from common.deepspeed_utils import (
     save_deepspeed_checkpoint,
 )
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
+from common.losses import count_trained_tokens, is_finite, non_finite_error, token_loss_sum
 from common.model import (
     grow_vocabulary,
     load_tokenizer,
@@ -61,13 +63,13 @@ class Config:
     model_config: str = "tiny"  # tiny, 1b, 7b, 65b (common/model_configs) or a config.json path: random init
     init_from: str = ""  # a Hugging Face checkpoint folder to continue pretraining (model_config is then ignored)
     tokenizer_path: str = "tiny"  # a tokenizer folder; 'tiny': the tiny Llama's; '' with init_from: its own
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 if installed on a GPU
-    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward; None: on with a GPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 on GPU if installed
+    gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on with a GPU
     # DeepSpeed ZeRO
     zero_stage: Literal[0, 1, 2, 3] = 1  # 1: optimizer states partitioned over ranks; 3 for models too big for one GPU
     ds_config: str = str(Path(__file__).resolve().with_name("ds_config.json"))  # DeepSpeed's own knobs (buckets...)
     # data
-    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), or tokens.bin
+    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), tokens.bin
     eval_data_path: str = ""  # held-out shards or token file; '' for none
     text_field: str = "text"  # record field holding a document
     seq_len: int = 256  # tokens per packed window
@@ -102,8 +104,8 @@ def build_model(cfg: Config, tokenizer, dtype, device, attn: str, gather):
     from transformers import AutoModelForCausalLM
 
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from, option="init_from"), dtype=dtype,
-                                                     attn_implementation=attn, local_files_only=True,
+        path = resolve_model_path(cfg.init_from, option="init_from")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=True,
                                                      trust_remote_code=False)
     else:
         config = pretrain_model_config(cfg.model_config, "", tokenizer)
@@ -111,6 +113,22 @@ def build_model(cfg: Config, tokenizer, dtype, device, attn: str, gather):
     added = grow_vocabulary(model, len(tokenizer), gather)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), added
+
+
+def gathered_on_rank0(params):
+    """Under ZeRO-3: a context in which partitioned parameters are whole, rank 0's edits partitioned back on exit."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def save_final(final_dir: Path, model, state_dict: dict, tokenizer):
+    """Rank 0: the gathered weights and the tokenizer as one Hugging Face checkpoint, written atomically."""
+    def write(directory: Path):
+        model.save_pretrained(directory, state_dict=state_dict)
+        tokenizer.save_pretrained(directory)
+
+    atomic_write_dir(final_dir, write)
 
 
 def main(cfg: Config) -> dict:
@@ -126,8 +144,7 @@ def main(cfg: Config) -> dict:
     deepspeed.init_distributed()
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
-    log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
-                     config=config_to_dict(cfg))
+    log = StepLogger(out, cfg.max_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
     precision = training_precision(rt.device, "deepspeed")  # bf16; fp16 below compute capability 8.0
     dtype = precision.dtype
 
@@ -161,7 +178,7 @@ def main(cfg: Config) -> dict:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive while transformers builds the model)
-        gather = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)  # noqa: E731
+        gather = gathered_on_rank0
     model, added_rows = build_model(cfg, tokenizer, dtype, rt.device, attn, gather)
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     if checkpointing:
@@ -185,16 +202,17 @@ def main(cfg: Config) -> dict:
             log.info(f"resumed from {ckpt} at step {start_step}")
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
-    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
-             f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
+    origin = f"from {cfg.init_from}" if cfg.init_from else "random init"
+    grown = f", {added_rows} new token rows at the mean embedding" if added_rows else ""
+    masked = ", documents masked from each other" if cfg.document_mask else ""
+    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({origin}{grown}) | {attn} attention, "
              f"{precision.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
              f"{flops_token / 1e6:,.1f} MFLOPs/token")
     log.info(f"zero     stage {cfg.zero_stage} | {type(optimizer).__name__} | config {cfg.ds_config}")
     log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
-             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}"
-             f"{', documents masked from each other' if cfg.document_mask else ''} | {cfg.num_workers} loader worker(s)")
-    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
+             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}{masked} | {cfg.num_workers} loader worker(s)")
+    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} "
+             f"x {rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
 
     def evaluate() -> float:
         """Mean loss per predicted token over eval_batches micro-batches per rank (the same count on every rank,
@@ -211,12 +229,14 @@ def main(cfg: Config) -> dict:
                 loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
                 loss_sum += loss.double() if counted else 0.0  # on the device, read once below
         engine.train()
-        loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
+        loss_sum = float(loss_sum)  # the eval's one read of the device losses
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
         return loss_sum / n_tokens
 
     # ---- training loop
-    loader = iter(packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
-                                cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum))
+    # endless batches, the first start_step * grad_accum skipped by the loader itself (each worker past its share)
+    batches = packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
+                            cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum)
     engine.train()
     if eval_source and start_step == 0:
         log.log(0, {"eval_loss": evaluate()})
@@ -227,18 +247,27 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         loss_sum = 0.0
         for i in range(cfg.grad_accum):
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(batches).items()}
             labels = batch.pop("labels")
             micro_loss = token_loss_sum(engine(**batch, use_cache=False).logits, labels)
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
             if i == cfg.grad_accum - 1:  # engine.step() updates at this one: read the step's losses once, before it
+                loss_sum = float(loss_sum)
                 # summed over the ranks first: a nan on any rank stops every rank, none is left waiting in backward
-                (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)
-                step_is_finite(step, loss_sum, 0.0, "stop", out)
+                (loss_sum,) = all_reduce_sum([loss_sum], rt)
+                loss = loss_sum / predicted_per_step
+                # the gradient norm is known only inside engine.step(), which clips and updates in one call: the
+                # loss is what can be checked before the update
+                if not is_finite(loss, None):
+                    raise non_finite_error(step, loss, None, out)
             # mean over every predicted token of the step on all ranks (DeepSpeed averages over ranks: * world)
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
-        loss = loss_sum / predicted_per_step
+        # DeepSpeed's norm of this step's gradient, the same on every rank. ZeRO and DeepSpeed's bf16/fp16 optimizers
+        # withhold an update whose norm is not finite (their overflow check): the weights are still the last step's
+        grad_norm = engine.get_global_grad_norm()
+        if not is_finite(loss, grad_norm):
+            raise non_finite_error(step, loss, grad_norm, out)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -246,7 +275,6 @@ def main(cfg: Config) -> dict:
         losses.append(loss)
         log.advance()
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == start_step + 1:
-            grad_norm = engine.get_global_grad_norm()
             per_gpu = tokens_per_step / dt / rt.world_size
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -274,8 +302,7 @@ def main(cfg: Config) -> dict:
     final_dir = out / "final"
     state_dict = gather_full_state_dict(engine)
     if rt.is_main:
-        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d, state_dict=state_dict),
-                                               tokenizer.save_pretrained(d)))
+        save_final(final_dir, model, state_dict, tokenizer)
     del state_dict
     wait_for_all(save_timeout(n_params * dtype.itemsize))  # rank 0 wrote it; NCCL's own limit is 10 minutes
     eval_loss = None
@@ -283,8 +310,9 @@ def main(cfg: Config) -> dict:
         eval_loss = evaluate()
         log.log(cfg.max_steps, {"eval_loss": eval_loss})
     steps_run = cfg.max_steps - start_step
-    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, "
-             f"{steps_run * tokens_per_step / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    tokens_per_s = steps_run * tokens_per_step / max(train_seconds, 1e-9)
+    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, {tokens_per_s:,.0f} tok/s, "
+             f"peak mem {peak_memory_gb(rt.device):.2f} GB")
     log.info(f"model and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
     log.close()
     cleanup(rt)

@@ -4,8 +4,10 @@ windows streamed from jsonl.zst shards or a pre-tokenized token file.
 
 Default run, no GPU, no download (tiny config, random init, the bundled English/Chinese corpus), about a minute:
     cd pretrain/fsdp && bash run.sh
-A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py -> pretokenize.py):
-    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 --batch_size=8
+A 1B model from scratch on 8 GPUs, on a token file (data_scripts/shard_corpus.py -> train_tokenizer.py ->
+pretokenize.py):
+    NGPU=8 bash run.sh --model_config=1b --tokenizer_path=/tok --data_path=/data/tokens.bin --seq_len=2048 \
+        --batch_size=8
 Continue pretraining a checkpoint (a grown tokenizer resizes the embeddings, new rows at the mean):
     NGPU=8 bash run.sh --init_from=/models/Llama-2-7b-hf --tokenizer_path=/tok-merged --data_path=/data/zh
 Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 NGPU=8 bash run.sh ...   Writes output_dir/: final/
@@ -17,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ from common.checkpoint import (
 )
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, step_is_finite, token_loss_sum
+from common.losses import count_trained_tokens, is_finite, non_finite_error, token_loss_sum
 from common.model import (
     grow_vocabulary,
     load_tokenizer,
@@ -65,11 +67,11 @@ class Config:
     model_config: str = "tiny"  # tiny, 1b, 7b, 65b (common/model_configs) or a config.json path: random init
     init_from: str = ""  # a Hugging Face checkpoint folder to continue pretraining (model_config is then ignored)
     tokenizer_path: str = "tiny"  # a tokenizer folder; 'tiny': the tiny Llama's; '' with init_from: its own
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 if installed on a GPU
-    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward; None: on with a GPU
-    reshard_after_forward: bool = True  # free gathered weights after each layer's forward (ZeRO-3-like); off: ZeRO-2-like
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 on GPU if installed
+    gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on with a GPU
+    reshard_after_forward: bool = True  # free gathered weights after each layer's forward (ZeRO-3-like); off: ZeRO-2
     # data
-    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), or tokens.bin
+    data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), tokens.bin
     eval_data_path: str = ""  # held-out shards or token file; '' for none
     text_field: str = "text"  # record field holding a document
     seq_len: int = 256  # tokens per packed window
@@ -104,23 +106,59 @@ def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
     from transformers import AutoModelForCausalLM
 
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.init_from, option="init_from"), dtype=torch.float32,
-                                                     local_files_only=True, trust_remote_code=False)
+        path = resolve_model_path(cfg.init_from, option="init_from")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                     trust_remote_code=False)
         added = grow_vocabulary(model, len(tokenizer))
     else:
         model, added = AutoModelForCausalLM.from_config(config, dtype=torch.float32), 0
     return model.state_dict(), added
 
 
+def load_fsdp_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+    """Each rank reads its own shards of the weights and optimizer state back; the schedule too. Returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer_state = load_sharded_trainer_state(ckpt)  # step, RNG
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    return trainer_state["step"]
+
+
+def save_fsdp_checkpoint(out: Path, step: int, keep_last: int, model, optimizer, scheduler) -> Path:
+    """Every rank writes its shards of the weights and optimizer state (torch.distributed.checkpoint); rank 0 adds
+    the schedule and the step. Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+
+    def write_shards(tmp: Path):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+
+    return save_sharded_checkpoint(out, step, keep_last, write_shards, extra={"scheduler": scheduler.state_dict()})
+
+
+def save_final(final_dir: Path, model, full_state: dict, tokenizer, dtype: torch.dtype, architecture: str):
+    """Rank 0: the gathered weights in the training dtype (not the fp32 masters) and the tokenizer, as one Hugging
+    Face checkpoint written atomically."""
+    def write(directory: Path):
+        model.save_pretrained(directory, state_dict=cast_floating(full_state, dtype))
+        saved = json.loads((directory / "config.json").read_text())  # fully_shard renamed the class: FSDPLlama...
+        record = {**saved, "architectures": [architecture], "dtype": str(dtype).removeprefix("torch.")}
+        (directory / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        tokenizer.save_pretrained(directory)
+
+    atomic_write_dir(final_dir, write)
+
+
 def main(cfg: Config) -> dict:
     # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
@@ -133,8 +171,7 @@ def main(cfg: Config) -> dict:
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
-    log = StepLogger(out, cfg.max_steps, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main,
-                     config=config_to_dict(cfg))
+    log = StepLogger(out, cfg.max_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
     compute = training_precision(rt.device, "none")  # bf16; fp32 below compute capability 8.0 (no scaler)
     dtype = compute.dtype
 
@@ -181,29 +218,22 @@ def main(cfg: Config) -> dict:
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:
-            import torch.distributed.checkpoint as dcp
-
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optimizer": optim_state}
-            dcp.load(state, checkpoint_id=str(ckpt))  # each rank reads its own shards
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-            trainer_state = load_sharded_trainer_state(ckpt)  # step, RNG
-            scheduler.load_state_dict(trainer_state["scheduler"])
-            start_step = trainer_state["step"]
+            start_step = load_fsdp_checkpoint(ckpt, model, optimizer, scheduler)  # weights, optimizer, schedule, RNG
             log.info(f"resumed from {ckpt} at step {start_step}")
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
-    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({'from ' + cfg.init_from if cfg.init_from else 'random init'}"
-             f"{f', {added_rows} new token rows at the mean embedding' if added_rows else ''}) | {attn} attention, "
+    origin = f"from {cfg.init_from}" if cfg.init_from else "random init"
+    grown = f", {added_rows} new token rows at the mean embedding" if added_rows else ""
+    masked = ", documents masked from each other" if cfg.document_mask else ""
+    log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({origin}{grown}) | {attn} attention, "
              f"{compute.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
              f"{flops_token / 1e6:,.1f} MFLOPs/token")
     log.info(f"fsdp     fully_shard on {len(model.model.layers)} layers + root over {rt.world_size} rank(s), "
              f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'} | {type(optimizer).__name__}")
     log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
-             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}"
-             f"{', documents masked from each other' if cfg.document_mask else ''} | {cfg.num_workers} loader worker(s)")
-    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
+             f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}{masked} | {cfg.num_workers} loader worker(s)")
+    log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} "
+             f"x {rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
 
     def evaluate() -> float:
         """Mean loss per predicted token over eval_batches micro-batches per rank (every rank runs as many
@@ -220,12 +250,14 @@ def main(cfg: Config) -> dict:
                 loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
                 loss_sum += loss.double() if counted else 0.0  # on the device, read once below
         model.train()
-        loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
+        loss_sum = float(loss_sum)  # the eval's one read of the device losses
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
         return loss_sum / n_tokens
 
     # ---- training loop
-    loader = iter(packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
-                                cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum))
+    # endless batches, the first start_step * grad_accum skipped by the loader itself (each worker past its share)
+    batches = packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
+                            cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum)
     model.train()
     if eval_source and start_step == 0:
         log.log(0, {"eval_loss": evaluate()})
@@ -236,7 +268,7 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         loss_sum = 0.0
         for i in range(cfg.grad_accum):
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(loader).items()}
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in next(batches).items()}
             labels = batch.pop("labels")
             model.set_requires_gradient_sync(i == cfg.grad_accum - 1)  # reduce-scatter once per step
             micro_loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
@@ -245,12 +277,16 @@ def main(cfg: Config) -> dict:
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
+        loss_sum = float(loss_sum)  # the step's one read of the device losses
+        (loss_sum,) = all_reduce_sum([loss_sum], rt)
         loss = loss_sum / predicted_per_step
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out):  # stop raises before any update
+        if not is_finite(loss, grad_norm):  # the same on every rank (summed loss, global norm): all stop or skip
+            if cfg.on_nan == "stop":
+                raise non_finite_error(step, loss, grad_norm, out)  # before any update: weights stay as they were
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            log.info(f"step {step}/{cfg.max_steps}: loss {loss}, gradient norm {float(grad_norm)}: "
+                     "skipped (--on_nan=skip)")
             continue
         optimizer.step()
         scheduler.step()
@@ -271,12 +307,7 @@ def main(cfg: Config) -> dict:
             log.log(step, {"eval_loss": evaluate()})
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):
-            import torch.distributed.checkpoint as dcp
-
-            model_state, optim_state = get_state_dict(model, optimizer)
-            path = save_sharded_checkpoint(out, step, cfg.keep_last, lambda tmp: dcp.save(
-                {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp)),
-                extra={"scheduler": scheduler.state_dict()})
+            path = save_fsdp_checkpoint(out, step, cfg.keep_last, model, optimizer, scheduler)
             log.info(f"saved checkpoint {path}")
         if preempted:
             log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "
@@ -293,14 +324,7 @@ def main(cfg: Config) -> dict:
     final_dir = out / "final"
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rt.is_main:
-        def write_final(d):
-            model.save_pretrained(d, state_dict=cast_floating(full, dtype))  # the training dtype, not fp32 masters
-            saved = json.loads((d / "config.json").read_text())  # fully_shard renamed the class: FSDPLlama...
-            saved_dtype = str(dtype).removeprefix("torch.")
-            (d / "config.json").write_text(json.dumps({**saved, "architectures": [architecture], "dtype": saved_dtype},
-                                                      indent=2) + "\n")
-            tokenizer.save_pretrained(d)
-        atomic_write_dir(final_dir, write_final)
+        save_final(final_dir, model, full, tokenizer, dtype, architecture)
     del full
     wait_for_all(save_timeout(n_params * dtype.itemsize))  # rank 0 wrote it; NCCL's own limit is 10 minutes
     eval_loss = None
@@ -308,8 +332,9 @@ def main(cfg: Config) -> dict:
         eval_loss = evaluate()
         log.log(cfg.max_steps, {"eval_loss": eval_loss})
     steps_run = cfg.max_steps - start_step
-    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, "
-             f"{steps_run * tokens_per_step / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(rt.device):.2f} GB")
+    tokens_per_s = steps_run * tokens_per_step / max(train_seconds, 1e-9)
+    log.info(f"done: {steps_run} steps in {train_seconds:.1f}s, {tokens_per_s:,.0f} tok/s, "
+             f"peak mem {peak_memory_gb(rt.device):.2f} GB")
     log.info(f"model and tokenizer in {final_dir}; metrics in {out / 'metrics.jsonl'}, curve in {out / 'loss.png'}")
     log.close()
     cleanup(rt)
