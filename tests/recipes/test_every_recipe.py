@@ -51,6 +51,32 @@ def test_config_defaults_parse_and_every_field_is_documented(recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=IDS)
+def test_saved_config_json_is_a_config_file_that_gives_the_same_config(recipe, tmp_path):
+    from common.config import save_config
+
+    module = load_recipe(recipe)
+    cfg = module.parse_config(module.Config, ["--output_dir=elsewhere", "--max_steps=3"])
+    saved = save_config(cfg, tmp_path)
+    assert module.parse_config(module.Config, [f"--config={saved}"]) == cfg
+    assert module.parse_config(module.Config, [f"--config={saved}", "--max_steps=5"]).max_steps == 5
+
+
+@pytest.mark.slow
+def test_config_json_reruns_a_run_with_the_same_losses(tmp_path):
+    """Re-running a run is --config=out/config.json (into another --output_dir): the losses come out the same."""
+    recipe = REPO / "cls" / "qlora"
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = run_script(recipe / "run.sh", f"--output_dir={first}", "--max_steps=3", "--log_every=1",
+                      "--report_to=none", "--lr=2e-3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(recipe / "run.sh", f"--config={first / 'config.json'}", f"--output_dir={second}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [[r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] for out in (first, second)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert json.loads((second / "config.json").read_text())["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=IDS)
 def test_recipes_do_not_import_each_other(recipe):
     source = (recipe / "train.py").read_text()
     assert not re.search(r"^\s*(from|import)\s+(sft|cls|pretrain)\b", source, re.M)
@@ -76,7 +102,8 @@ def user_files(recipe, tmp_path):
         train = [{"text": " ".join(text[i:i + 5])} for i in range(0, 200, 5)]
         evals = [{"text": " ".join(text[i:i + 5])} for i in range(200, 240, 5)]
     elif recipe.name.startswith("reward"):
-        train, evals = read_jsonl(data / "cls" / "preference_train.jsonl")[:16], read_jsonl(data / "cls" / "preference_eval.jsonl")[:6]
+        train = read_jsonl(data / "cls" / "preference_train.jsonl")[:16]
+        evals = read_jsonl(data / "cls" / "preference_eval.jsonl")[:6]
     else:
         train, evals = read_jsonl(data / "cls" / "train.jsonl")[:32], read_jsonl(data / "cls" / "eval.jsonl")[:6]
     x, y = tmp_path / "my_train.jsonl.zst", tmp_path / "my eval.json"
@@ -90,7 +117,8 @@ def test_run_sh_trains_on_user_files(recipe, tmp_path):
     """From the user's own folder, with paths relative to it."""
     x, y = user_files(recipe, tmp_path)
     z = tmp_path / "run out"
-    proc = run_script(recipe / "run.sh", f"--data_path={x.name}", f"--eval_data_path={y.name}", f"--output_dir={z.name}",
+    proc = run_script(recipe / "run.sh", f"--data_path={x.name}", f"--eval_data_path={y.name}",
+                      f"--output_dir={z.name}",
                       "--max_steps=2", "--batch_size=4", "--grad_accum=1", "--log_every=1", "--report_to=none",
                       *(["--eval_every=1"] if recipe.parent.name == "pretrain" else []),
                       cwd=tmp_path)
