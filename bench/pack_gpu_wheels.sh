@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Packs .whl/: the wheels the lent GPU machine lacks (bitsandbytes, deepspeed, liger-kernel and their small pure-Python
+# needs), for its Python 3.12 and torch 2.11 + CUDA 13.0. That machine reaches no package registry; the working tree
+# travels to it with the ignored folders a call names (64 MiB in all), so .whl/ must be carried and stay small.
+#
+# Here (the CPU machine, venv active, registries reachable), from anywhere in the checkout:
+#     bash bench/pack_gpu_wheels.sh
+# On the GPU machine, from the repo root, with .whl carried (the device call's carry: [".whl"]):
+#     bash bench/install_gpu_wheels.sh
+# which pip-installs each wheel with --no-deps --no-index, one line per package ("installed: ..." / "FAILED: ...",
+# then the "not carried" lines), and always exits 0 so a smoke script goes on when one package fails.
+#
+# What goes in .whl/ (versions: the venv's, so the GPU runs what the tests here run):
+#   bitsandbytes  the venv's version, repacked: the full wheel holds a library per CUDA / ROCm / XPU version (~43 MB);
+#                 bitsandbytes loads libbitsandbytes_cuda<torch.version.cuda without the dot>.so (cextension.py:
+#                 get_cuda_bnb_library_path; torch 2.11's CUDA "13.0" -> cuda130), so only that one and the CPU library
+#                 stay; RECORD is rewritten with the kept files' hashes and sizes; same file name.
+#   deepspeed     built here from the sdist with DS_BUILD_OPS=0 (pure Python: its ops JIT-compile on the GPU with nvcc),
+#                 plus what it imports that the GPU image lacks: hjson, pydantic + pydantic-core (cp312) +
+#                 annotated-types + typing-inspection + typing-extensions (pydantic needs a recent one), and ninja
+#                 (to JIT-build the ops; small).
+#   liger-kernel  pure Python + triton (pinned below: it is not in requirements.txt).
+#   gptqmodel     not carried: see GPTQ_REASON below; the script prints "gptqmodel: not carried (<reason>)" and writes
+#                 the same line to .whl/NOT_CARRIED, which install_gpu_wheels.sh prints on the GPU machine.
+#
+# Cached and idempotent: downloads and builds go to $LTR_WHEEL_CACHE (default ~/.cache/llama-train-recipes/wheels) and
+# are reused; a second run only copies (seconds). .whl/ is emptied of old wheels first, so it holds one version of each.
+# At the end it prints each wheel's size and the total, and exits 1 if .whl/ is over the budget.
+#
+# Environment (defaults in brackets): LTR_WHEELS_DIR [.whl, in the repo root], LTR_WHEEL_CACHE [see above],
+#   LTR_WHEELS_BUDGET_MIB [48] (whole MiB), LTR_WHEELS_PYTHON [3.12] (the GPU machine's Python), LTR_BNB_CUDA [130]
+#   (the bitsandbytes CUDA library to keep), PYTHON [python] (the venv's, for pip and the versions).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python}
+OUT_DIR=${LTR_WHEELS_DIR:-$REPO/.whl}
+CACHE=${LTR_WHEEL_CACHE:-$HOME/.cache/llama-train-recipes/wheels}
+BUDGET_MIB=${LTR_WHEELS_BUDGET_MIB:-48}
+TARGET_PY=${LTR_WHEELS_PYTHON:-3.12}
+BNB_CUDA=${LTR_BNB_CUDA:-130}
+LIGER_VERSION=0.8.5
+GPTQ_REASON="its stack needs wheels built for Python 3.12 here (pypcre compiles a C extension; defuser, device-smi, \
+logbar and tokenicer are sdists) and torchao's compiled ops for another torch; nothing can be built on the GPU machine"
+# deepspeed's imports that the GPU image lacks (or has too old for pydantic), at the venv's versions.
+DEEPSPEED_NEEDS=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions ninja)
+# Linux x86_64 platform tags a wheel for the GPU machine may carry (pip matches each exactly).
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
+           manylinux2014_x86_64 manylinux1_x86_64)
+
+if [[ ! $BUDGET_MIB =~ ^[0-9]+$ ]]; then
+    echo "pack_gpu_wheels: LTR_WHEELS_BUDGET_MIB=$BUDGET_MIB: expected a whole number of MiB" >&2
+    exit 2
+fi
+mkdir -p "$CACHE/download" "$CACHE/built" "$CACHE/repacked" "$OUT_DIR"
+LOG="$CACHE/pip.log"
+
+# The venv's version of a distribution; fails with a one-line message when the venv lacks it.
+venv_version() {
+    "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1" 2>/dev/null || {
+        echo "pack_gpu_wheels: $1 is not installed in the active venv ($PY): pip install -r requirements.txt" >&2
+        return 1
+    }
+}
+
+# The cached wheel of NAME VERSION in DIR, or nothing (wheel file names spell '-' and '.' in names as '_').
+cached_wheel() {
+    local dir=$1 name=${2//[-.]/_} version=$3
+    find "$dir" -maxdepth 1 -iname "${name}-${version}-*.whl" | sort | head -n 1
+}
+
+# Path of the wheel NAME==VERSION for the GPU machine, downloaded once into the cache.
+fetch_wheel() {
+    local name=$1 version=$2 found platform platform_args=()
+    found=$(cached_wheel "$CACHE/download" "$name" "$version")
+    if [[ -z $found ]]; then
+        for platform in "${PLATFORMS[@]}"; do platform_args+=(--platform "$platform"); done
+        "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
+            "${platform_args[@]}" -d "$CACHE/download" "$name==$version" >>"$LOG" 2>&1 || {
+            echo "pack_gpu_wheels: could not download $name==$version for Python $TARGET_PY (see $LOG)" >&2
+            return 1
+        }
+        found=$(cached_wheel "$CACHE/download" "$name" "$version")
+    fi
+    echo "$found"
+}
+
+# deepspeed VERSION built here without its ops (a py3-none-any wheel), once.
+build_deepspeed() {
+    local version=$1 found
+    found=$(cached_wheel "$CACHE/built" deepspeed "$version")
+    if [[ -z $found ]]; then
+        DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$CACHE/built" "deepspeed==$version" \
+            >>"$LOG" 2>&1 || {
+            echo "pack_gpu_wheels: building deepspeed==$version failed (see $LOG)" >&2
+            return 1
+        }
+        found=$(cached_wheel "$CACHE/built" deepspeed "$version")
+    fi
+    if [[ $found != *-py3-none-any.whl ]]; then
+        echo "pack_gpu_wheels: $found is not a pure-Python wheel (was DS_BUILD_OPS=0 honoured?)" >&2
+        return 1
+    fi
+    echo "$found"
+}
+
+# The bitsandbytes wheel SRC rewritten to DST with only the CPU and the cuda$BNB_CUDA libraries, and its RECORD
+# regenerated for what is left.
+repack_bitsandbytes() {
+    "$PY" - "$1" "$2" "$BNB_CUDA" <<'EOF'
+import base64
+import hashlib
+import re
+import sys
+import zipfile
+
+src, dst, cuda = sys.argv[1:]
+keep_libs = {"libbitsandbytes_cpu.so", f"libbitsandbytes_cuda{cuda}.so"}
+native = re.compile(r"^bitsandbytes/(libbitsandbytes_\w+\.so)$")
+with zipfile.ZipFile(src) as zin:
+    names = zin.namelist()
+    record_name = next(n for n in names if n.endswith(".dist-info/RECORD"))
+    libs = {m[1] for n in names if (m := native.match(n))}
+    missing = keep_libs - libs
+    if missing:
+        sys.exit(f"pack_gpu_wheels: {src} has no {', '.join(sorted(missing))} (it has {', '.join(sorted(libs))})")
+    dropped = [n for n in names if (m := native.match(n)) and m[1] not in keep_libs]
+    signatures = [n for n in names if n.endswith((".dist-info/RECORD.jws", ".dist-info/RECORD.p7s"))]
+    kept = [n for n in names if n not in dropped and n not in signatures and n != record_name]
+    record_lines = []
+    with zipfile.ZipFile(dst + ".part", "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in kept:
+            info = zin.getinfo(name)
+            data = zin.read(name)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record_lines.append(f"{name},sha256={digest},{len(data)}")
+            zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+        record_lines.append(f"{record_name},,")
+        zout.writestr(zin.getinfo(record_name), "\n".join(record_lines) + "\n", compress_type=zipfile.ZIP_DEFLATED)
+print(f"bitsandbytes: kept {', '.join(sorted(keep_libs))}; dropped {len(dropped)} other native libraries")
+EOF
+    mv "$2.part" "$2"
+}
+
+wheels=()
+
+bnb_version=$(venv_version bitsandbytes)
+bnb_full=$(fetch_wheel bitsandbytes "$bnb_version")
+bnb_slim="$CACHE/repacked/cuda$BNB_CUDA/$(basename "$bnb_full")"
+if [[ ! -f $bnb_slim ]]; then
+    mkdir -p "$(dirname "$bnb_slim")"
+    repack_bitsandbytes "$bnb_full" "$bnb_slim"
+fi
+wheels+=("$bnb_slim")
+
+ds_version=$(venv_version deepspeed)
+wheels+=("$(build_deepspeed "$ds_version")")
+for name in "${DEEPSPEED_NEEDS[@]}"; do
+    version=$(venv_version "$name")
+    wheels+=("$(fetch_wheel "$name" "$version")")
+done
+
+wheels+=("$(fetch_wheel liger-kernel "$LIGER_VERSION")")
+
+rm -f "$OUT_DIR"/*.whl "$OUT_DIR/NOT_CARRIED"
+cp "${wheels[@]}" "$OUT_DIR/"
+echo "gptqmodel: not carried ($GPTQ_REASON)" | tee "$OUT_DIR/NOT_CARRIED"
+
+echo "wheels in $OUT_DIR (for the GPU machine: Python $TARGET_PY, CUDA library cuda$BNB_CUDA):"
+for whl in "$OUT_DIR"/*.whl; do
+    printf '  %6.1f MiB  %s\n' "$(du -b "$whl" | awk '{print $1 / 1048576}')" "$(basename "$whl")"
+done
+total_bytes=$(du -cb "$OUT_DIR"/* | tail -n 1 | cut -f 1)
+tree_bytes=$(cd "$REPO" && git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f 1)
+total_mib=$(awk -v b="$total_bytes" 'BEGIN {printf "%.1f", b / 1048576}')
+tree_mib=$(awk -v b="$tree_bytes" 'BEGIN {printf "%.1f", b / 1048576}')
+echo "$(basename "$OUT_DIR"): $total_mib MiB of a $BUDGET_MIB MiB budget (LTR_WHEELS_BUDGET_MIB);" \
+    "tracked files: $tree_mib MiB; a device call carries at most 64 MiB"
+if ((total_bytes > BUDGET_MIB * 1048576)); then
+    echo "pack_gpu_wheels: $OUT_DIR is $total_mib MiB, over the $BUDGET_MIB MiB budget" >&2
+    exit 1
+fi
