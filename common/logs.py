@@ -72,10 +72,14 @@ def format_step(step: int, total: int, values: dict) -> str:
 
 
 class StepLogger:
-    """Writes a step's metrics everywhere they belong. `enabled=False` (ranks > 0) makes every call a no-op."""
+    """Writes a step's metrics everywhere they belong. `enabled=False` (ranks > 0) makes every call a no-op.
+
+    Build it once, when the run's total_steps is known (the bar's total and the "step N/total" lines use it), with
+    --report_to as given ("none": metrics.jsonl only) and the config for wandb / mlflow. progress_bar: None shows the
+    bar when stdout is a terminal; True or False forces it either way."""
 
     def __init__(self, output_dir, total_steps: int, report_to=("tensorboard",), enabled=True, run_name=None,
-                 config: dict | None = None):
+                 config: dict | None = None, progress_bar: bool | None = None):
         self.enabled, self.total_steps = enabled, total_steps
         self.output_dir = Path(output_dir)
         self.history: list[dict] = []
@@ -88,7 +92,7 @@ class StepLogger:
 
             raise UserError(f"--report_to: unknown {sorted(unknown)}; expected some of {', '.join(REPORTERS)}")
         report_to = [name for name in report_to if name != "none"]  # --report_to=none: metrics.jsonl only
-        self.metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (open for the run; close() closes it)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -105,7 +109,8 @@ class StepLogger:
             if config:
                 mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
             self.mlflow = mlflow
-        if sys.stdout.isatty():
+        show_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        if show_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, dynamic_ncols=True, leave=False)

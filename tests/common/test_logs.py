@@ -1,10 +1,13 @@
-"""The step log's memory fields: on GPUs the allocated peak, the reserved peak and the card's used memory (which sees
+"""common/logs.py: metrics.jsonl rows, the step line, the progress bar's total, the reporters; and the step log's memory
+fields: on GPUs the allocated peak, the reserved peak and the card's used memory (which sees
 bitsandbytes' paged optimizer pages), each named in metrics.jsonl and in the step line; on CPU the RSS peak. torch.cuda
 is monkeypatched (no GPU here)."""
 import json
 
+import pytest
 import torch
 
+from common.config import UserError
 from common.logs import StepLogger, format_step, memory_gb
 
 GB = 10 ** 9
@@ -46,3 +49,53 @@ def test_cpu_memory_is_the_rss_peak(monkeypatch):
     fields = memory_gb(torch.device("cpu"))
     assert list(fields) == ["mem_rss_gb"] and fields["mem_rss_gb"] >= max(before, 0.3)
     assert format_step(1, 2, fields) == f"step 1/2 | mem {fields['mem_rss_gb']:.2f} GB peak RSS"
+
+
+def test_metrics_rows_and_step_lines(tmp_path, capsys):
+    log = StepLogger(tmp_path, 20, report_to=["none"], config={"lr": 0.1}, progress_bar=False)
+    log.info("model tiny")
+    log.log(1, {"loss": 2.5, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1234.5})
+    log.log(2, {"eval_loss": 2.25}, echo=False)
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "time"} for row in rows] == [
+        {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.5}, {"step": 2, "eval_loss": 2.25}]
+    assert all(isinstance(row["time"], float) for row in rows)
+    assert capsys.readouterr().out.splitlines() == ["model tiny", "step 1/20 | loss 2.5000 | lr 1.0e-03 | 1,234 tok/s"]
+    assert not (tmp_path / "tensorboard").exists()  # --report_to=none: metrics.jsonl only
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_format_step_names_each_value_in_order():
+    line = format_step(7, 100, {"mfu": 0.123, "grad_norm": 1.23456, "eval_loss": 1.0, "loss": 0.5, "lr": 2e-4,
+                                "tokens_per_s_per_gpu": 99.6, "unknown": 3})
+    assert line == ("step 7/100 | loss 0.5000 | eval_loss 1.0000 | lr 2.0e-04 | grad_norm 1.235 | 100 tok/s/gpu | "
+                    "mfu 12.3%")
+
+
+def test_the_progress_bar_counts_to_total_steps(tmp_path):
+    log = StepLogger(tmp_path, 37, report_to=["none"], progress_bar=True)
+    assert log.bar.total == log.total_steps == 37
+    log.advance(2)
+    log.info("written above the bar")
+    assert log.bar.n == 2
+    log.close()
+    assert StepLogger(tmp_path, 37, report_to=["none"], progress_bar=False).bar is None
+
+
+def test_tensorboard_by_default_and_ranks_above_0_write_nothing(tmp_path):
+    (tmp_path / "main").mkdir()
+    log = StepLogger(tmp_path / "main", 2, progress_bar=False)
+    log.log(1, {"loss": 1.0}, echo=False)
+    log.close()
+    assert any((tmp_path / "main" / "tensorboard").iterdir())
+    other = StepLogger(tmp_path / "rank1", 2, report_to=["wandb"], enabled=False)
+    other.log(1, {"loss": 1.0})
+    other.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_an_unknown_reporter_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as e:
+        StepLogger(tmp_path, 2, report_to=["tensorboard", "comet"])
+    assert str(e.value) == "--report_to: unknown ['comet']; expected some of tensorboard, wandb, mlflow, none"
