@@ -37,11 +37,7 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float, device: tor
         from common.config import UserError
 
         raise UserError(f"--optim={name}: expected one of {', '.join(OPTIMIZERS)}")
-    decay, no_decay = [], []
-    for param_name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in param_name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, weight_decay)
     if name != "adamw" and device.type == "cuda":
         import bitsandbytes as bnb
 
