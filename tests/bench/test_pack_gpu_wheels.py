@@ -1,0 +1,127 @@
+"""bench/pack_gpu_wheels.sh builds the wheel folder for the GPU machine (with its download cache: warm, seconds; cold,
+about a minute: a 43 MB bitsandbytes download and a deepspeed build from its sdist), under its size budget, with a
+bitsandbytes slimmed to its CPU and CUDA 13.0 libraries whose RECORD matches; the wheels install with
+`pip install --no-deps --target` and import from there in a clean environment. bench/install_gpu_wheels.sh reports one
+line per wheel and never fails the caller."""
+import base64
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+
+from tests.conftest import REPO
+
+PACK = REPO / "bench" / "pack_gpu_wheels.sh"
+INSTALL = REPO / "bench" / "install_gpu_wheels.sh"
+SIZE_LINE = re.compile(r"^\S+: ([\d.]+) MiB of a (\d+) MiB budget", re.MULTILINE)
+WHEEL_LINE = re.compile(r"^ +([\d.]+) MiB  (\S+\.whl)$", re.MULTILINE)
+
+
+def pack(out_dir, **env):
+    return subprocess.run(["bash", str(PACK)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable, "LTR_WHEELS_DIR": str(out_dir), **env})
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("packed") / ".whl"
+    proc = pack(out_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out_dir, proc.stdout
+
+
+def wheel_of(out_dir, name):
+    matches = [p for p in out_dir.glob("*.whl") if parse_wheel_filename(p.name)[0] == name]
+    assert len(matches) == 1, (name, sorted(p.name for p in out_dir.glob("*.whl")))
+    return matches[0]
+
+
+def test_the_folder_is_under_its_budget_and_lists_each_wheel(packed, tmp_path):
+    out_dir, stdout = packed
+    wheels = sorted(p.name for p in out_dir.glob("*.whl"))
+    total_mib, budget_mib = (float(v) for v in SIZE_LINE.search(stdout).groups())
+    actual_mib = sum(p.stat().st_size for p in out_dir.iterdir()) / 2**20
+    assert budget_mib == 48 and total_mib < budget_mib
+    assert abs(total_mib - actual_mib) < 0.06, (total_mib, actual_mib)
+    assert sorted(name for _, name in WHEEL_LINE.findall(stdout)) == wheels
+    names = [str(parse_wheel_filename(w)[0]) for w in wheels]
+    assert len(names) == len(set(names))  # one version of each: two would stop the whole install
+    assert {"bitsandbytes", "deepspeed", "liger-kernel", "hjson", "pydantic", "pydantic-core", "ninja"} <= set(names)
+    assert (out_dir / "NOT_CARRIED").read_text().startswith("gptqmodel: not carried (")
+    # Over a smaller budget it says so and exits 1 (a second run: every wheel comes from the cache).
+    small = pack(tmp_path / ".whl", LTR_WHEELS_BUDGET_MIB="1")
+    assert small.returncode == 1 and "over the 1 MiB budget" in small.stderr, small.stdout + small.stderr
+
+
+def test_bitsandbytes_keeps_only_its_cpu_and_cuda13_libraries_and_a_true_record(packed):
+    out_dir, _ = packed
+    with zipfile.ZipFile(wheel_of(out_dir, "bitsandbytes")) as whl:
+        names = whl.namelist()
+        libs = sorted(n for n in names if n.startswith("bitsandbytes/libbitsandbytes_"))
+        assert libs == ["bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+        record_name = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        record = {}
+        for line in whl.read(record_name).decode().splitlines():
+            path, digest, size = line.rsplit(",", 2)
+            record[path] = (digest, size)
+        assert sorted(record) == sorted(names)
+        assert record.pop(record_name) == ("", "")
+        for path, (digest, size) in record.items():
+            data = whl.read(path)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert (digest, size) == (f"sha256={expected}", str(len(data))), path
+
+
+def test_the_wheels_install_with_pip_target_and_import_in_a_clean_environment(packed, tmp_path):
+    out_dir, _ = packed
+    # The folder is for the GPU machine's Python 3.12: a wheel built for another Python (pydantic-core) is left out
+    # here, and the venv's copy (same version) serves.
+    supported = set(sys_tags())
+    wheels = [p for p in sorted(out_dir.glob("*.whl")) if parse_wheel_filename(p.name)[3] & supported]
+    assert {str(parse_wheel_filename(p.name)[0]) for p in wheels} >= {"bitsandbytes", "deepspeed", "liger-kernel"}
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile",
+                    "--target", str(site), *map(str, wheels)], check=True, capture_output=True, timeout=300)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import deepspeed, liger_kernel, bitsandbytes\n"
+        "from bitsandbytes.cextension import lib\n"
+        "for m in (deepspeed, liger_kernel, bitsandbytes): print(m.__name__, m.__file__)\n"
+        "print('versions', deepspeed.__version__, bitsandbytes.__version__, lib._lib._name)\n"
+    )
+    clean_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
+    proc = subprocess.run([sys.executable, "-c", script, str(site)], capture_output=True, text=True, timeout=300,
+                          env=clean_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for module in ("deepspeed", "liger_kernel", "bitsandbytes"):
+        assert f"{module} {site / module / '__init__.py'}\n" in proc.stdout, proc.stdout
+    ds_version = parse_wheel_filename(wheel_of(out_dir, "deepspeed").name)[1]
+    bnb_version = parse_wheel_filename(wheel_of(out_dir, "bitsandbytes").name)[1]
+    cpu_lib = site / "bitsandbytes" / "libbitsandbytes_cpu.so"
+    assert f"versions {ds_version} {bnb_version} {cpu_lib}\n" in proc.stdout, proc.stdout
+    installed_libs = sorted(p.name for p in (site / "bitsandbytes").glob("libbitsandbytes_*"))
+    assert installed_libs == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"]
+
+
+def test_install_script_reports_each_wheel_and_goes_on_past_a_broken_one(packed, tmp_path):
+    out_dir, _ = packed
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    good = wheel_of(out_dir, "typing-inspection")
+    (wheels / good.name).write_bytes(good.read_bytes())
+    (wheels / "broken-1.0-py3-none-any.whl").write_text("not a zip file")
+    (wheels / "NOT_CARRIED").write_text("gptqmodel: not carried (a reason)\n")
+    site = tmp_path / "site"
+    env = {**os.environ, "PYTHON": sys.executable, "LTR_WHEELS_TARGET": str(site)}
+    proc = subprocess.run(["bash", str(INSTALL), str(wheels)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    version = parse_wheel_filename(good.name)[1]
+    assert lines[0].startswith("FAILED: broken 1.0: ") and lines[1] == f"installed: typing_inspection {version}"
+    assert lines[2:] == ["gptqmodel: not carried (a reason)", "install_gpu_wheels: 1 installed, 1 failed"]
+    assert (site / "typing_inspection" / "__init__.py").is_file()
