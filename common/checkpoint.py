@@ -18,13 +18,18 @@ STATE_FILE = "trainer_state.pt"
 
 
 def atomic_write_dir(target: Path, write) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to `target` in one rename (replacing an older `target`)."""
+    """Call write(tmp_dir), then move tmp_dir to `target` in one rename (replacing an older `target`). When write
+    raises, the temporary folder is removed and `target` stays as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.rename(target, old)
@@ -236,7 +241,8 @@ def prepare_output_dir(cfg, output_dir, is_main: bool = True) -> Path:
     previous_file = out / "config.json"
     # an earlier attempt that stopped before training (a bad option, a missing file) left only its config.json
     metrics = out / "metrics.jsonl"
-    started = (metrics.is_file() and metrics.stat().st_size > 0) or (out / "final").is_dir() or bool(list_checkpoints(out))
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    started = has_metrics or (out / "final").is_dir() or bool(list_checkpoints(out))
     if previous_file.is_file() and started:
         try:
             previous = json.loads(previous_file.read_text())
@@ -248,12 +254,14 @@ def prepare_output_dir(cfg, output_dir, is_main: bool = True) -> Path:
         has_checkpoints = bool(list_checkpoints(out))
         if not getattr(cfg, "overwrite", False):
             what = ", ".join(f"--{k} {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+            more = ", ..." if len(changed) > 4 else ""
             if changed:
-                raise UserError(f"--output_dir={out} holds a different run ({what}{', ...' if len(changed) > 4 else ''}); "
-                                "use another --output_dir, --overwrite to replace it, or its own settings with --resume")
+                raise UserError(f"--output_dir={out} holds a different run ({what}{more}); use another --output_dir, "
+                                "--overwrite to replace it, or its own settings with --resume")
             if has_checkpoints and not getattr(cfg, "resume", False):
                 raise UserError(f"--output_dir={out} holds checkpoints of this run (latest "
-                                f"{latest_checkpoint(out).name}); add --resume to continue it or --overwrite to start over")
+                                f"{latest_checkpoint(out).name}); add --resume to continue it or --overwrite to "
+                                "start over")
         if getattr(cfg, "overwrite", False):
             for name in ("checkpoints", "tensorboard"):
                 shutil.rmtree(out / name, ignore_errors=True)

@@ -1,6 +1,7 @@
-"""common/checkpoint.py and the process-group decisions in common/runtime.py: trainer states load with
-weights_only=True and a tampered one never runs, each rank resumes its own RNG streams, every rank resumes the
-checkpoint rank 0 picked (or all stop with one line), the save timeout and the backend choice."""
+"""common/checkpoint.py and the process-group decisions in common/runtime.py: a checkpoint folder appears whole or not
+at all, keep_last prunes the oldest, the latest is the highest step, trainer states load with weights_only=True and
+a tampered one never runs, each rank resumes its own RNG streams, every rank resumes the checkpoint rank 0 picked (or
+all stop with one line), the save timeout and the backend choice."""
 import json
 import os
 import random
@@ -56,6 +57,43 @@ def test_resume_restores_optimizer_scheduler_and_rng_through_a_weights_only_load
     assert draws() == expected
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_atomic_write_dir_leaves_no_partial_folder_when_the_write_fails(tmp_path):
+    from common.checkpoint import atomic_write_dir
+
+    target = tmp_path / "checkpoints" / "step_00000002"
+    atomic_write_dir(target, lambda folder: (folder / "weights").write_text("old"))
+
+    def fails_halfway(folder):
+        (folder / "weights").write_text("new, half written")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_dir(target, fails_halfway)
+    assert (target / "weights").read_text() == "old"  # the complete earlier folder is untouched
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_dir(tmp_path / "checkpoints" / "step_00000004", fails_halfway)
+    assert not (tmp_path / "checkpoints" / "step_00000004").exists()
+    atomic_write_dir(target, lambda folder: (folder / "weights").write_text("new"))
+    assert (target / "weights").read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["step_00000002"]  # no temporary folder left behind
+
+
+def test_keep_last_prunes_the_oldest_and_latest_is_the_highest_step(tmp_path):
+    from common.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    optimizer, scheduler = tiny_optimizer()
+    for step in (5, 10, 100, 20):  # saved out of order: the latest is the highest step, not the newest file
+        save_checkpoint(tmp_path, step, lambda folder: None, optimizer, scheduler, keep_last=0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000010", "step_00000020",
+                                                            "step_00000100"]
+    (tmp_path / "checkpoints" / "step_00000200").mkdir()  # no trainer_state.pt: not a complete checkpoint
+    assert latest_checkpoint(tmp_path).name == "step_00000100"
+    save_checkpoint(tmp_path, 110, lambda folder: None, optimizer, scheduler, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000100", "step_00000110"]
+    assert latest_checkpoint(tmp_path).name == "step_00000110"
 
 
 def test_a_tampered_trainer_state_is_refused_in_one_line_and_never_runs(tmp_path):
@@ -172,4 +210,5 @@ def test_a_final_model_is_written_in_the_training_dtype():
     assert {k: v.dtype for k, v in final.items()} == {"model.embed_tokens.weight": torch.bfloat16,
                                                       "model.rotary_emb.inv_freq": torch.bfloat16,
                                                       "step_ids": torch.int64}
-    assert all(torch.equal(final[k], v) for k, v in expected.items()) and torch.equal(final["step_ids"], torch.arange(3))
+    assert all(torch.equal(final[k], v) for k, v in expected.items())
+    assert torch.equal(final["step_ids"], torch.arange(3))
