@@ -6,10 +6,12 @@ English/Chinese sample data), about a minute on 2 CPU cores (the first run also 
     cd sft/peft-int4 && bash run.sh
 A real checkpoint is quantized once with data_scripts/quantize_gptq.py (or use a published GPTQ checkpoint), then:
     bash run.sh --model_path=/models/Llama-2-7b-gptq-int4 --data_path=train.jsonl --eval_data_path=eval.jsonl
-Data-parallel on N GPUs: NGPU=N bash run.sh ...   Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
+Data-parallel on N GPUs: NGPU=N bash run.sh ...
+Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
 Data (.jsonl, .json, .jsonl.zst): alpaca {"instruction","input","output"}, {"input","target"} or chat {"messages"}.
 Writes output_dir/: final/ (adapter + tokenizer), config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.
-The kernel must be a trainable one (--gptq_backend=auto_trainable or torch); the default GPTQ kernels are inference-only.
+The kernel must be a trainable one (--gptq_backend=auto_trainable or torch); the default GPTQ kernels are
+inference-only.
 A 7B base in GPTQ int4 (group 128) takes about 4 GB, like NF4; the adapter loads onto the same GPTQ checkpoint.
 A base too big for one card, split by layers over the GPUs of one process (65B in int4 on two 24 GB cards):
     CUDA_VISIBLE_DEVICES=0,1 bash run.sh --model_path=/models/llama-65b-gptq-int4 --device_map=auto \
@@ -21,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -34,12 +36,20 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.config import config_to_dict, exit_on_user_error, parse_config
-from common.data import build_sft_examples, collate_left_padded, padding_efficiency, plan_batches, read_records
+from common.data import (
+    batch_stream,
+    build_sft_examples,
+    collate_left_padded,
+    padding_efficiency,
+    plan_batches,
+    read_records,
+    sft_data_report,
+)
 from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_model, resolve_gptq_model_path
 from common.inference import save_generation_config
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, loss_window, step_is_finite, token_loss_sum
+from common.losses import count_trained_tokens, is_finite, loss_window, non_finite_error, token_loss_sum
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training
 from common.optim import make_optimizer, warmup_cosine
 from common.runtime import (
@@ -57,16 +67,16 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 @dataclass
 class Config:
     # model
-    model_path: str = "tiny"  # 'tiny' (random-init test Llama, quantized to GPTQ int4) or a local GPTQ checkpoint folder
-    gptq_backend: Literal["auto_trainable", "torch"] = "auto_trainable"  # gptqmodel kernel that can train; torch: slower
-    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
-    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
-    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama, quantized to GPTQ int4) or a local GPTQ checkpoint
+    gptq_backend: Literal["auto_trainable", "torch"] = "auto_trainable"  # a gptqmodel kernel that trains; torch: slower
+    gradient_checkpointing: bool | None = None  # recompute activations in backward (less memory); None: on with a GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': all free
     lora_r: int = 64  # adapter rank (QLoRA paper: 64)
     lora_alpha: int = 16  # adapter scale is alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all quantized ones, or q_proj,v_proj
-    lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head,embed_tokens
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all quantized ones, or q_proj
+    lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head
     # data
     data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records
     eval_data_path: str = str(SAMPLE_DATA / "eval.jsonl")  # held-out records; '' for none
@@ -96,6 +106,14 @@ class Config:
     overwrite: bool = False  # replace an earlier, different run in output_dir (else refused)
     on_nan: Literal["stop", "skip"] = "stop"  # a nan/inf loss or gradient: stop before updating, or skip the step
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
+    inspect_data: bool = False  # data only: lengths, truncation, trained tokens, bad records; exit, no weights loaded
+
+
+def build_examples(cfg: Config, tokenizer, path: str):
+    """One data file read, rendered, tokenized, masked and truncated: (examples, stats)."""
+    records = read_records(path)
+    return build_sft_examples(records, tokenizer, cfg.max_seq_len, cfg.prompt_template, cfg.train_on_prompt,
+                              cfg.truncation)
 
 
 def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
@@ -103,7 +121,7 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
     model.eval()
     loss_sum, n_tokens = 0.0, 0
     input_device = model.get_input_embeddings().weight.device  # the first GPU of a layer split
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast:
         for idx in batches:
             batch = collate_left_padded([examples[i] for i in idx], pad_id)
             window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
@@ -113,8 +131,59 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
             logits = model(**batch, use_cache=False, logits_to_keep=window).logits
             loss_sum += token_loss_sum(logits, labels.to(logits.device)).double()  # on the device, read once below
     model.train()
-    loss_sum, n_tokens = all_reduce_sum([float(loss_sum), n_tokens], rt)
+    loss_sum = float(loss_sum)
+    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
     return loss_sum / max(n_tokens, 1)
+
+
+def resume(model, optimizer, scheduler, out: Path, rt, log) -> int:
+    """--resume: the adapter, optimizer, schedule and RNG of the latest checkpoint; returns its step (0: none)."""
+    ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
+    if ckpt is None:
+        log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)
+    log.info(f"resumed from {ckpt} at step {start_step}")
+    return start_step
+
+
+def log_startup(log, cfg: Config, model_dir, model, kernel, targets, precision, checkpointing, data_lines, plan,
+                lengths, total_steps, rt):
+    """The start-up block: model, data (with one rendered example), batches, steps, and the layer split."""
+    trainable, total = count_gptq_parameters(model)
+    quant = model.config.quantization_config
+    log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base, kernel "
+             f"{kernel} + LoRA r={cfg.lora_r} on {','.join(targets)} | trainable {trainable:,} / {total:,} params "
+             f"({100 * trainable / total:.2f}%) | {precision.reason} | "
+             f"activation checkpointing {'on' if checkpointing else 'off'}")
+    for line in data_lines:
+        log.info(line)
+    batches_per_epoch = len(plan(0))
+    examples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
+             f"{rt.world_size} ranks = {examples_per_step} examples/step | "
+             f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
+             f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
+    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
+        input_device = model.get_input_embeddings().weight.device
+        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
+        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
+
+
+def save_final(model, tokenizer, final_dir: Path, rt):
+    """Adapter, tokenizer and generation_config.json in final/, written by rank 0 all at once."""
+    def write(d):
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        save_generation_config(d, model, tokenizer)
+
+    if rt.is_main:
+        atomic_write_dir(final_dir, write)
 
 
 def main(cfg: Config) -> dict:
@@ -123,27 +192,34 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
-    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
-    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
-    precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
-    dtype = precision.dtype
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
 
     # ---- tokenizer and data
-    model_dir = resolve_gptq_model_path(cfg.model_path)  # a folder that is not GPTQ: an error with the command to quantize it
+    model_dir = resolve_gptq_model_path(cfg.model_path)  # not GPTQ: an error with the command to quantize it
     tokenizer = load_tokenizer(model_dir)
-    build = lambda path: build_sft_examples(read_records(path), tokenizer, cfg.max_seq_len, cfg.prompt_template,  # noqa: E731
-                                            cfg.train_on_prompt, cfg.truncation)
-    train_examples, train_stats = build(cfg.data_path)
-    eval_examples, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    train_examples, train_stats = build_examples(cfg, tokenizer, cfg.data_path)
+    eval_examples, eval_stats = build_examples(cfg, tokenizer, cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    data_lines = sft_data_report(tokenizer, cfg.data_path, train_examples, train_stats, cfg.eval_data_path, eval_stats)
+    if cfg.inspect_data:  # a data-only run: nothing written, no model weights read
+        if rt.is_main:
+            print("\n".join(data_lines), flush=True)
+        cleanup(rt)
+        return {"inspect_data": True, "train_stats": train_stats, "eval_stats": eval_stats}
     lengths = [len(e["input_ids"]) for e in train_examples]
-    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
-                                      rt.rank, rt.world_size)
+
+    def plan(epoch):  # this rank's batches of one epoch
+        return plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, rt.rank, rt.world_size)
+
     batches_per_epoch = len(plan(0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
     eval_lengths = [len(e["input_ids"]) for e in eval_examples]  # every eval example once, split over ranks
-    eval_batches = plan_batches(eval_lengths, cfg.batch_size, 0, 0, True)[rt.rank::rt.world_size] if eval_examples else []
+    all_eval_batches = plan_batches(eval_lengths, cfg.batch_size, 0, 0, True) if eval_examples else []
+    eval_batches = all_eval_batches[rt.rank::rt.world_size]
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
+    log = StepLogger(out, total_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
+    precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
+    dtype = precision.dtype
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     # ---- model: GPTQ int4 base with a kernel that backpropagates, LoRA adapters on the quantized projections
     model = load_gptq_model(model_dir, dtype=dtype, device_map=device_map, backend=cfg.gptq_backend,
@@ -153,7 +229,6 @@ def main(cfg: Config) -> dict:
     input_device = model.get_input_embeddings().weight.device
     devices = sorted({p.device for p in model.parameters()}, key=str)
     model.config.pad_token_id = tokenizer.pad_token_id
-    quant = model.config.quantization_config
     kernel = type(next(m for m in model.modules() if hasattr(m, "qweight"))).__name__  # gptqmodel's choice for backend
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     model = prepare_for_lora_training(model, True, checkpointing)
@@ -161,76 +236,44 @@ def main(cfg: Config) -> dict:
     targets = gptq_linear_names(model) if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets,
                      modules_to_save=cfg.lora_modules_to_save or None)
-    trainable, total = count_gptq_parameters(model)
     train_model = model
     if rt.distributed:
         # the int4 weights are frozen buffers, identical on every rank: no need to broadcast them every step
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False)
+        ddp_devices = [rt.local_rank] if rt.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices, broadcast_buffers=False)
 
     # ---- optimizer and schedule
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps)))
-    start_step = 0
-    if cfg.resume:
-        ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
-        if ckpt is None:
-            log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
-        else:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
-            start_step = load_trainer_state(ckpt, optimizer, scheduler)
-            log.info(f"resumed from {ckpt} at step {start_step}")
-
-    log.total_steps = total_steps
-    log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base, kernel "
-             f"{kernel} + LoRA r={cfg.lora_r} on {','.join(targets)} | trainable {trainable:,} / {total:,} params "
-             f"({100 * trainable / total:.2f}%) | {precision.reason} | "
-             f"activation checkpointing {'on' if checkpointing else 'off'}")
-    log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
-    if eval_stats:
-        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
-    log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks = {cfg.batch_size * cfg.grad_accum * rt.world_size} examples/step | "
-             f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
-    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
-             f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
-    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
-        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
-        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    start_step = resume(model, optimizer, scheduler, out, rt, log) if cfg.resume else 0
+    log_startup(log, cfg, model_dir, model, kernel, targets, precision, checkpointing, data_lines, plan, lengths,
+                total_steps, rt)
 
     # ---- training loop
-    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
-        epoch = 0
-        while True:
-            yield from plan(epoch)
-            epoch += 1
-
-    stream = micro_batches()
-    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
-        next(stream)
+    stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
+    pad_id = tokenizer.pad_token_id
     if eval_examples and start_step == 0:
-        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
+        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
     model.train()
     train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
-        chunk = [collate_left_padded([train_examples[i] for i in next(stream)], tokenizer.pad_token_id)
-                 for _ in range(cfg.grad_accum)]
+        chunk_idx = [next(stream) for _ in range(cfg.grad_accum)]
+        chunk = [collate_left_padded([train_examples[i] for i in idx], pad_id) for idx in chunk_idx]
         # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
-        n_trained, n_tokens, n_computed = all_reduce_sum([sum(count_trained_tokens(b["labels"]) for b in chunk),
-                                                          sum(int(b["attention_mask"].sum()) for b in chunk),
-                                                          sum(b["input_ids"].numel() for b in chunk)], rt)
+        n_trained = sum(count_trained_tokens(b["labels"]) for b in chunk)
+        n_tokens = sum(lengths[i] for idx in chunk_idx for i in idx)
+        n_computed = sum(b["input_ids"].numel() for b in chunk)
+        n_trained, n_tokens, n_computed = all_reduce_sum([n_trained, n_tokens, n_computed], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
             window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
             batch = {k: v.to(input_device) for k, v in batch.items()}
             labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 # logits only where a trained token is predicted (the answers), not over the prompts
                 logits = train_model(**batch, use_cache=False, logits_to_keep=window).logits
                 micro_loss = token_loss_sum(logits, labels.to(logits.device))
@@ -238,15 +281,19 @@ def main(cfg: Config) -> dict:
             scaler.scale(micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         scaler.unscale_(optimizer)  # clip and report the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        trained_params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained_params, cfg.max_grad_norm)
         (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
         loss = loss_sum / max(n_trained, 1)
-        # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
+        # checked before any update; with the fp16 scaler an overflow alone is the scaler's to skip
+        if not is_finite(loss, grad_norm, scaler.is_enabled()):
+            if cfg.on_nan == "stop":
+                raise non_finite_error(step, loss, grad_norm, out)
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
             scheduler.step()
-            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            log.info(f"step {step}/{total_steps}: loss {loss}, gradient norm {float(grad_norm)}: "
+                     "skipped (--on_nan=skip)")
             continue
         scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed, and update() lowers the scale
         scaler.update()
@@ -262,7 +309,7 @@ def main(cfg: Config) -> dict:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)})
+            log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -280,12 +327,10 @@ def main(cfg: Config) -> dict:
 
     # ---- save and final eval
     final_dir = out / "final"
-    if rt.is_main:
-        atomic_write_dir(final_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d),
-                                               save_generation_config(d, model, tokenizer)))
+    save_final(model, tokenizer, final_dir, rt)
     eval_loss = None
     if eval_examples:
-        eval_loss = evaluate(model, eval_batches, eval_examples, tokenizer.pad_token_id, rt, autocast)
+        eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)
         log.log(total_steps, {"eval_loss": eval_loss})
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
              f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
@@ -295,7 +340,8 @@ def main(cfg: Config) -> dict:
     log.close()
     cleanup(rt)
     return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
-            "train_seconds": train_seconds, "tokens": tokens_seen, "tokens_computed": tokens_computed, "steps": total_steps - start_step}
+            "train_seconds": train_seconds, "tokens": tokens_seen, "tokens_computed": tokens_computed,
+            "steps": total_steps - start_step}
 
 
 if __name__ == "__main__":
