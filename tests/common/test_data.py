@@ -1,11 +1,19 @@
 import json
 
 import pytest
-import torch
 import zstandard
 
-from common.data import (IGNORE_INDEX, DataError, Record, build_sft_examples, collate_left_padded, padding_efficiency,
-                         plan_batches, read_records)
+from common.data import (
+    IGNORE_INDEX,
+    DataError,
+    Record,
+    batch_stream,
+    build_sft_examples,
+    collate_left_padded,
+    padding_efficiency,
+    plan_batches,
+    read_records,
+)
 
 ROWS = [{"instruction": "Say hi.", "input": "", "output": "hi"}, {"input": "Q: 1+1?\nA:", "target": " 2"}]
 
@@ -52,7 +60,8 @@ def test_missing_file_and_wrong_suffix(tmp_path):
 
 def pieces(tokenizer, example):
     ids, labels = example["input_ids"], example["labels"]
-    return tokenizer.convert_ids_to_tokens(ids), [l if l == IGNORE_INDEX else tokenizer.convert_ids_to_tokens(l) for l in labels]
+    label_tokens = [label if label == IGNORE_INDEX else tokenizer.convert_ids_to_tokens(label) for label in labels]
+    return tokenizer.convert_ids_to_tokens(ids), label_tokens
 
 
 def test_input_target_mask_is_exact(tokenizer):
@@ -99,7 +108,7 @@ def test_truncation_keeps_answer_and_counts_cut(tokenizer):
     rec = Record({"input": "word " * 100, "target": " the answer"}, "t:1")
     (full,), _ = build_sft_examples([rec], tokenizer, 1000)
     (ex,), stats = build_sft_examples([rec], tokenizer, 20)
-    n_answer = sum(l != IGNORE_INDEX for l in full["labels"])
+    n_answer = sum(label != IGNORE_INDEX for label in full["labels"])
     assert len(ex["input_ids"]) == 20 and ex["input_ids"][0] == tokenizer.bos_token_id
     assert ex["input_ids"][-n_answer:] == full["input_ids"][-n_answer:]  # the whole answer survives
     assert ex["labels"][-n_answer:] == full["labels"][-n_answer:]
@@ -158,3 +167,37 @@ def test_batch_plan_splits_ranks_evenly():
     assert [len(p) for p in per_rank] == [2, 2, 2]  # 5 batches wrap around to 6
     seen = [i for p in per_rank for b in p for i in b]
     assert set(seen) == set(range(10))
+
+
+# ---- batch_stream: epochs without end, resumed at a batch
+
+
+def epoch_plan(epoch: int) -> list[str]:
+    """Three batches an epoch, named by epoch and position (a reshuffled epoch would give other names)."""
+    return [f"e{epoch}b{i}" for i in range(3)]
+
+
+def test_batch_stream_goes_epoch_after_epoch_in_order():
+    stream = batch_stream(epoch_plan)
+    assert [next(stream) for _ in range(7)] == ["e0b0", "e0b1", "e0b2", "e1b0", "e1b1", "e1b2", "e2b0"]
+
+
+@pytest.mark.parametrize("start_batch", [0, 1, 2, 3, 5, 7])  # inside the first epoch, at its end, across epochs
+def test_batch_stream_resumed_at_a_batch_is_the_tail_of_the_whole_stream(start_batch):
+    whole = batch_stream(epoch_plan)
+    expected = [next(whole) for _ in range(start_batch + 4)][start_batch:]
+    resumed = batch_stream(epoch_plan, start_batch)
+    assert [next(resumed) for _ in range(4)] == expected
+
+
+def test_batch_stream_skips_whole_epochs_and_refuses_an_empty_plan():
+    planned = []
+
+    def plan(epoch):
+        planned.append(epoch)
+        return epoch_plan(epoch)
+
+    stream = batch_stream(plan, start_batch=6)
+    assert next(stream) == "e2b0" and planned == [0, 1, 2]
+    with pytest.raises(ValueError, match="the plan has no batches"):
+        next(batch_stream(lambda epoch: []))

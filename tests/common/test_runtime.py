@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.config import UserError
-from common.losses import NonFiniteLoss, step_is_finite
+from common.losses import NonFiniteLoss, is_finite, non_finite_error
 from common.model import resolve_attention
 from common.runtime import Precision, training_precision
 
@@ -89,7 +89,9 @@ def overflowing_step(scaler, on_nan, tmp_path, loss_scale=1.0):
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not step_is_finite(1, loss.item(), grad_norm, on_nan, tmp_path, scaler.is_enabled()):
+    if not is_finite(loss.item(), grad_norm, scaler.is_enabled()):
+        if on_nan == "stop":
+            raise non_finite_error(1, loss.item(), grad_norm, tmp_path)
         scaler.update()
         return before, model, False
     scaler.step(optimizer)
@@ -118,7 +120,7 @@ def test_a_nan_loss_still_stops_with_the_scaler(tmp_path):
 
 def test_without_the_scaler_inf_gradients_still_stop(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert is_finite(1.0, torch.tensor(math.inf), scaler.is_enabled()) is False  # skipped, or with stop:
     with pytest.raises(NonFiniteLoss, match="gradient norm inf"):
-        step_is_finite(1, 1.0, torch.tensor(math.inf), "stop", tmp_path, scaler.is_enabled())
-    assert step_is_finite(1, 1.0, torch.tensor(math.inf), "skip", tmp_path, scaler.is_enabled()) is False
-    assert step_is_finite(1, 1.0, torch.tensor(math.inf), "stop", tmp_path, True) is True  # the scaler's to skip
+        raise non_finite_error(1, 1.0, torch.tensor(math.inf), tmp_path)
+    assert is_finite(1.0, torch.tensor(math.inf), True) is True  # the scaler's to skip
