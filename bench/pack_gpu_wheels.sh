@@ -69,18 +69,28 @@ cached_wheel() {
     find "$dir" -maxdepth 1 -iname "${name}-${version}-*.whl" | sort | head -n 1
 }
 
-# Path of the wheel NAME==VERSION for the GPU machine, downloaded once into the cache.
-fetch_wheel() {
-    local name=$1 version=$2 found platform platform_args=()
-    found=$(cached_wheel "$CACHE/download" "$name" "$version")
+# Downloads the wheels NAME==VERSION ... for the GPU machine that the cache lacks, in one pip call.
+fetch_wheels() {
+    local spec platform missing=() platform_args=()
+    for spec in "$@"; do
+        if [[ -z $(cached_wheel "$CACHE/download" "${spec%%==*}" "${spec#*==}") ]]; then missing+=("$spec"); fi
+    done
+    ((${#missing[@]})) || return 0
+    for platform in "${PLATFORMS[@]}"; do platform_args+=(--platform "$platform"); done
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
+        "${platform_args[@]}" -d "$CACHE/download" "${missing[@]}" >>"$LOG" 2>&1 || {
+        echo "pack_gpu_wheels: could not download ${missing[*]} for Python $TARGET_PY (see $LOG)" >&2
+        return 1
+    }
+}
+
+# Path of the downloaded wheel NAME==VERSION; fails when fetch_wheels did not bring it.
+downloaded_wheel() {
+    local found
+    found=$(cached_wheel "$CACHE/download" "${1%%==*}" "${1#*==}")
     if [[ -z $found ]]; then
-        for platform in "${PLATFORMS[@]}"; do platform_args+=(--platform "$platform"); done
-        "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
-            "${platform_args[@]}" -d "$CACHE/download" "$name==$version" >>"$LOG" 2>&1 || {
-            echo "pack_gpu_wheels: could not download $name==$version for Python $TARGET_PY (see $LOG)" >&2
-            return 1
-        }
-        found=$(cached_wheel "$CACHE/download" "$name" "$version")
+        echo "pack_gpu_wheels: no wheel for $1 in $CACHE/download (see $LOG)" >&2
+        return 1
     fi
     echo "$found"
 }
@@ -142,25 +152,27 @@ EOF
     mv "$2.part" "$2"
 }
 
-wheels=()
-
 bnb_version=$(venv_version bitsandbytes)
-bnb_full=$(fetch_wheel bitsandbytes "$bnb_version")
+ds_version=$(venv_version deepspeed)
+downloads=("bitsandbytes==$bnb_version" "liger-kernel==$LIGER_VERSION")
+for name in "${DEEPSPEED_NEEDS[@]}"; do
+    version=$(venv_version "$name")
+    downloads+=("$name==$version")
+done
+fetch_wheels "${downloads[@]}"
+
+wheels=()
+bnb_full=$(downloaded_wheel "${downloads[0]}")
 bnb_slim="$CACHE/repacked/cuda$BNB_CUDA/$(basename "$bnb_full")"
 if [[ ! -f $bnb_slim ]]; then
     mkdir -p "$(dirname "$bnb_slim")"
     repack_bitsandbytes "$bnb_full" "$bnb_slim"
 fi
 wheels+=("$bnb_slim")
-
-ds_version=$(venv_version deepspeed)
-wheels+=("$(build_deepspeed "$ds_version")")
-for name in "${DEEPSPEED_NEEDS[@]}"; do
-    version=$(venv_version "$name")
-    wheels+=("$(fetch_wheel "$name" "$version")")
+for spec in "${downloads[@]:1}"; do
+    wheels+=("$(downloaded_wheel "$spec")")
 done
-
-wheels+=("$(fetch_wheel liger-kernel "$LIGER_VERSION")")
+wheels+=("$(build_deepspeed "$ds_version")")
 
 rm -f "$OUT_DIR"/*.whl "$OUT_DIR/NOT_CARRIED"
 cp "${wheels[@]}" "$OUT_DIR/"
