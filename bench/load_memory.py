@@ -34,8 +34,9 @@ with PeakAnon() as memory:
     else:  # the recipes' from_pretrained path
         model = load_model(Path(sys.argv[1]), sys.argv[2])
 MB = 2 ** 20
-print(json.dumps({"anon_base_mb": memory.base / MB, "anon_peak_mb": memory.peak / MB, "anon_after_mb": memory.after / MB,
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"anon_base_mb": memory.base / MB, "anon_peak_mb": memory.peak / MB,
+                  "anon_after_mb": memory.after / MB, "maxrss_mb": maxrss_mb}))
 """
 
 

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(str(p.parent.relative_to(REPO)) for kind in ("sft", "cls", "pretrain") for p in (REPO / kind).glob("*/run.sh"))
+RUN_SCRIPTS = [p for kind in ("sft", "cls", "pretrain") for p in (REPO / kind).glob("*/run.sh")]
+RECIPES = sorted(str(p.parent.relative_to(REPO)) for p in RUN_SCRIPTS)
 
 
 def result_summary(out: Path, rows: list[dict]) -> str:

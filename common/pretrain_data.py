@@ -1,9 +1,9 @@
 """Pretraining data: documents from jsonl(.zst) shards or a pre-tokenized token file, packed into fixed-length
 windows, split over ranks x loader workers so every document (or window) is seen exactly once per epoch.
 
-    source = open_token_source("data/pretrain/shards", tokenizer)     # or "tokens.bin" from data_scripts/pretokenize.py
+    source = open_token_source("data/pretrain/shards", tokenizer)  # or "tokens.bin" (data_scripts/pretokenize.py)
     loader = packed_loader(source, seq_len=256, batch_size=8, rank=0, world_size=1, num_workers=1, start_batch=0)
-    for batch in loader: ...                                           # input_ids, labels, position_ids(, attention_mask)
+    for batch in loader: ...  # input_ids, labels, position_ids(, attention_mask)
 
 Packing: documents are tokenized as BOS + text + EOS and concatenated into one stream, cut into windows of seq_len
 tokens with a stride of seq_len - 1, so the last token of a window is the first of the next and every token but the
@@ -19,9 +19,9 @@ hands out its workers' batches round-robin, which `start_batch` uses to resume e
 """
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -116,7 +116,8 @@ def main(argv=None):
         r = convert_gguf(args.gguf, args.out, args.dtype)
     print(f"converted {args.gguf} in {r['seconds']:.0f}s: LlamaForCausalLM, {r['layers']} layers, hidden "
           f"{r['hidden']}, vocab {r['vocab']:,}, {r['parameters'] / 1e6:.1f}M parameters ({r['dtype']}, tied "
-          f"embeddings {r['tied']}); bos {r['bos']}, eos {r['eos']}, pad {r['pad']}, end of turn {r['eot']} -> {r['out']}")
+          f"embeddings {r['tied']}); bos {r['bos']}, eos {r['eos']}, pad {r['pad']}, end of turn {r['eot']} "
+          f"-> {r['out']}")
     print(f"train on it: bash sft/qlora/run.sh --model_path={Path(r['out']).resolve()} --prompt_template=chat")
 
 

@@ -16,13 +16,16 @@ from pathlib import Path
 CAPITALS = [  # (country_en, capital_en, country_zh, capital_zh)
     ("France", "Paris", "法国", "巴黎"), ("Japan", "Tokyo", "日本", "东京"), ("China", "Beijing", "中国", "北京"),
     ("Germany", "Berlin", "德国", "柏林"), ("Italy", "Rome", "意大利", "罗马"), ("Spain", "Madrid", "西班牙", "马德里"),
-    ("Egypt", "Cairo", "埃及", "开罗"), ("Russia", "Moscow", "俄罗斯", "莫斯科"), ("Canada", "Ottawa", "加拿大", "渥太华"),
-    ("Australia", "Canberra", "澳大利亚", "堪培拉"), ("Brazil", "Brasilia", "巴西", "巴西利亚"),
-    ("India", "New Delhi", "印度", "新德里"), ("Kenya", "Nairobi", "肯尼亚", "内罗毕"), ("Peru", "Lima", "秘鲁", "利马"),
-    ("Greece", "Athens", "希腊", "雅典"), ("Norway", "Oslo", "挪威", "奥斯陆"), ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"),
-    ("Thailand", "Bangkok", "泰国", "曼谷"), ("Vietnam", "Hanoi", "越南", "河内"), ("Mexico", "Mexico City", "墨西哥", "墨西哥城"),
-    ("Portugal", "Lisbon", "葡萄牙", "里斯本"), ("Poland", "Warsaw", "波兰", "华沙"), ("Ireland", "Dublin", "爱尔兰", "都柏林"),
-    ("Austria", "Vienna", "奥地利", "维也纳"), ("Turkey", "Ankara", "土耳其", "安卡拉"), ("Chile", "Santiago", "智利", "圣地亚哥"),
+    ("Egypt", "Cairo", "埃及", "开罗"), ("Russia", "Moscow", "俄罗斯", "莫斯科"),
+    ("Canada", "Ottawa", "加拿大", "渥太华"), ("Australia", "Canberra", "澳大利亚", "堪培拉"),
+    ("Brazil", "Brasilia", "巴西", "巴西利亚"), ("India", "New Delhi", "印度", "新德里"),
+    ("Kenya", "Nairobi", "肯尼亚", "内罗毕"), ("Peru", "Lima", "秘鲁", "利马"), ("Greece", "Athens", "希腊", "雅典"),
+    ("Norway", "Oslo", "挪威", "奥斯陆"), ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"),
+    ("Thailand", "Bangkok", "泰国", "曼谷"), ("Vietnam", "Hanoi", "越南", "河内"),
+    ("Mexico", "Mexico City", "墨西哥", "墨西哥城"), ("Portugal", "Lisbon", "葡萄牙", "里斯本"),
+    ("Poland", "Warsaw", "波兰", "华沙"), ("Ireland", "Dublin", "爱尔兰", "都柏林"),
+    ("Austria", "Vienna", "奥地利", "维也纳"), ("Turkey", "Ankara", "土耳其", "安卡拉"),
+    ("Chile", "Santiago", "智利", "圣地亚哥"),
 ]
 WORDS = [  # (english, chinese)
     ("apple", "苹果"), ("water", "水"), ("book", "书"), ("sun", "太阳"), ("moon", "月亮"), ("cat", "猫"), ("dog", "狗"),
@@ -32,9 +35,10 @@ WORDS = [  # (english, chinese)
     ("music", "音乐"), ("family", "家庭"), ("morning", "早上"), ("night", "晚上"), ("language", "语言"),
 ]
 ANTONYMS = [
-    ("hot", "cold", "热", "冷"), ("big", "small", "大", "小"), ("fast", "slow", "快", "慢"), ("happy", "sad", "高兴", "难过"),
-    ("old", "new", "旧", "新"), ("up", "down", "上", "下"), ("open", "closed", "开", "关"), ("light", "dark", "亮", "暗"),
-    ("early", "late", "早", "晚"), ("long", "short", "长", "短"), ("rich", "poor", "富", "穷"), ("easy", "hard", "容易", "困难"),
+    ("hot", "cold", "热", "冷"), ("big", "small", "大", "小"), ("fast", "slow", "快", "慢"),
+    ("happy", "sad", "高兴", "难过"), ("old", "new", "旧", "新"), ("up", "down", "上", "下"),
+    ("open", "closed", "开", "关"), ("light", "dark", "亮", "暗"), ("early", "late", "早", "晚"),
+    ("long", "short", "长", "短"), ("rich", "poor", "富", "穷"), ("easy", "hard", "容易", "困难"),
 ]
 DAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 DAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
@@ -87,7 +91,7 @@ def make_sft_examples(rng):
         out.append(alpaca(f"How many minutes are there in {h} hours?", f"There are {h * 60} minutes in {h} hours."))
         km = rng.randint(1, 50)
         out.append(alpaca(f"{km} 公里等于多少米？", f"{km} 公里等于 {km * 1000} 米。"))
-    for en, zh in WORDS[:20]:
+    for en, _zh in WORDS[:20]:
         out.append(alpaca("Write the word in capital letters.", en.upper(), en))
         out.append(alpaca("How many letters does the word have?", f"The word \"{en}\" has {len(en)} letters.", en))
     rng.shuffle(out)
@@ -140,7 +144,8 @@ def make_reverse_examples(rng, n, letters="abcdefghij", min_len=3, max_len=6):
 
 
 SENTIMENT = {  # label -> (english adjectives, chinese adjectives), with a 1-5 score for the regression set
-    "negative": (["terrible", "awful", "boring", "horrible", "disappointing"], ["很糟糕", "太无聊", "非常差", "令人失望"]),
+    "negative": (["terrible", "awful", "boring", "horrible", "disappointing"],
+                 ["很糟糕", "太无聊", "非常差", "令人失望"]),
     "neutral": (["okay", "average", "ordinary", "acceptable", "so-so"], ["一般", "还行", "普通", "马马虎虎"]),
     "positive": (["great", "wonderful", "excellent", "lovely", "fantastic"], ["很棒", "非常好", "精彩", "令人满意"]),
 }
@@ -176,7 +181,8 @@ def make_regression_examples(rng, n):
         item_en, item_zh = rng.choice(ITEMS)
         very = score >= 4 and rng.random() < 0.3
         if rng.random() < 0.6:
-            text = rng.choice(EN_REVIEW).format(item=item_en, Item=item_en.capitalize(), adj=("very " if very else "") + en)
+            adj = ("very " if very else "") + en
+            text = rng.choice(EN_REVIEW).format(item=item_en, Item=item_en.capitalize(), adj=adj)
         else:
             text = rng.choice(ZH_REVIEW).format(item=item_zh, adj=("真的" if very else "") + zh)
         out.append({"text": text, "label": min(5.0, score + (0.5 if very else 0.0))})
@@ -193,12 +199,17 @@ def make_preference_examples(rng, n):
         if rng.random() < 0.6:
             prompt = f"What is the capital of {en_c}?"
             chosen = f"The capital of {en_c} is {en_cap}."
-            rejected = (f"The capital of {en_c} is {wrong[1]}." if kind < 0.4 else
-                        "I don't know." if kind < 0.7 else "Why would I tell you? Look it up yourself.")
+            if kind < 0.4:
+                rejected = f"The capital of {en_c} is {wrong[1]}."
+            else:
+                rejected = "I don't know." if kind < 0.7 else "Why would I tell you? Look it up yourself."
         else:
             prompt = f"{zh_c}的首都是哪里？"
             chosen = f"{zh_c}的首都是{zh_cap}。"
-            rejected = (f"{zh_c}的首都是{wrong[3]}。" if kind < 0.4 else "我不知道。" if kind < 0.7 else "自己去查吧，别问我。")
+            if kind < 0.4:
+                rejected = f"{zh_c}的首都是{wrong[3]}。"
+            else:
+                rejected = "我不知道。" if kind < 0.7 else "自己去查吧，别问我。"
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 

@@ -8,8 +8,9 @@ record, chat messages included) is joined end to end and cut into --n_samples wi
 like what the model will see; the bundled sample data is only enough for the tiny model. The full-precision model
 is loaded into host RAM (65B: about 130 GB in fp16) and GPTQ (gptqmodel through transformers' GPTQConfig) moves one
 decoder block at a time to GPU 0 when there is one (fp16), so one 24 GB card quantizes a 65B model; without a GPU it
-quantizes on CPU (fp32; fine for the tiny model, slow for real ones). out_dir gets the quantized model in GPTQ v1 format and the tokenizer, written atomically
-(built in a temporary folder, then renamed). Every layer's input size must be a multiple of --group_size.
+quantizes on CPU (fp32; fine for the tiny model, slow for real ones). out_dir gets the quantized model in GPTQ v1
+format and the tokenizer, written atomically (built in a temporary folder, then renamed). Every layer's input size
+must be a multiple of --group_size.
 """
 import argparse
 import sys

@@ -29,6 +29,7 @@ out_dir holds the previous complete output or the new one, never a half-written 
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -266,24 +267,15 @@ def file_sha256(path: Path) -> str:
 
 def write_shards(lines, folder: Path, prefix: str, max_lines: int, level: int) -> list[dict]:
     """Cut a stream of lines into <prefix>-NNNNN.jsonl.zst files of at most max_lines lines."""
-    shards, out, f, count = [], None, None, 0
-
-    def close_shard():
-        out.close()  # also closes f
-        path = folder / shards[-1]["file"]
-        shards[-1].update(lines=count, bytes=path.stat().st_size, sha256=file_sha256(path))
-
-    for line in lines:
-        if out is None or count == max_lines:
-            if out is not None:
-                close_shard()
-            shards.append({"file": f"{prefix}-{len(shards):05d}.jsonl.zst"})
-            f = open(folder / shards[-1]["file"], "wb")
-            out, count = zstandard.ZstdCompressor(level=level).stream_writer(f), 0
-        out.write(line)
-        count += 1
-    if out is not None:
-        close_shard()
+    shards, lines = [], iter(lines)
+    for first in lines:  # each pass writes one shard, from its first line on
+        path = folder / f"{prefix}-{len(shards):05d}.jsonl.zst"
+        count = 0
+        with open(path, "wb") as f, zstandard.ZstdCompressor(level=level).stream_writer(f) as out:
+            for line in itertools.chain([first], itertools.islice(lines, max_lines - 1)):
+                out.write(line)
+                count += 1
+        shards.append({"file": path.name, "lines": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     return shards
 
 

@@ -116,7 +116,8 @@ def main(argv=None):
     p.add_argument("--normalization", default="nmt_nfkc",
                    choices=("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"),
                    help="SentencePiece text normalization; identity (as Llama 1/2) for pieces to merge into Llama")
-    p.add_argument("--user_symbols", default="", help="comma-separated pieces kept whole, e.g. '<|user|>,<|assistant|>'")
+    p.add_argument("--user_symbols", default="",
+                   help="comma-separated pieces kept whole, e.g. '<|user|>,<|assistant|>'")
     p.add_argument("--max_sentences", type=int, default=0,
                    help="train on a random sample of this many lines (0: all); a few million is plenty")
     p.add_argument("--extra_text_files", nargs="*", default=[], help="text added verbatim to the corpus (templates)")

@@ -105,7 +105,8 @@ def open_tensors(files: list[Path]):
         index = {}
         for path in files:
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            for name in handle.keys():
+            names = handle.keys()  # a safetensors file handle, no dict: its tensor names come from keys()
+            for name in names:
                 index[name] = handle
         yield index
 
@@ -173,7 +174,8 @@ def make_delta(base: str, target: str, out: str) -> dict:
             for shard in target_files:
                 stored = {}
                 with safe_open(str(shard), framework="pt") as target_shard:
-                    for name in target_shard.keys():
+                    names = target_shard.keys()  # a safetensors file handle, no dict
+                    for name in names:
                         t = target_shard.get_tensor(name)
                         entry = {"shard": shard.name, "dtype": str(t.dtype).replace("torch.", "")}
                         b = base_tensors[name].get_tensor(name) if name in base_tensors else None

@@ -28,9 +28,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, Record, read_records  # noqa: E402
-from common.inference import (encode_prompt, generate_texts, generation_prompt, inference_device,  # noqa: E402
-                              load_for_inference, load_inference_tokenizer, make_generation_config, parse_dtype,
-                              resolve_model_and_adapter)
+from common.inference import (  # noqa: E402
+    encode_prompt,
+    generate_texts,
+    generation_prompt,
+    inference_device,
+    load_for_inference,
+    load_inference_tokenizer,
+    make_generation_config,
+    parse_dtype,
+    resolve_model_and_adapter,
+)
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 

@@ -17,8 +17,8 @@ def test_sentiment_classifier_beats_the_majority_class_in_24_steps(smollm2_dir, 
     evals = write_jsonl(tmp_path / "eval.jsonl", eval_records)
     out = tmp_path / "out"
     proc = run_script(REPO / "cls" / "qlora" / "run.sh", f"--model_path={smollm2_dir}", f"--data_path={train}",
-                      f"--eval_data_path={evals}", "--batch_size=8", "--max_steps=24", "--lr=1e-3", f"--output_dir={out}",
-                      *SHORT)
+                      f"--eval_data_path={evals}", "--batch_size=8", "--max_steps=24", "--lr=1e-3",
+                      f"--output_dir={out}", *SHORT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
     majority = Counter(r["label"] for r in eval_records).most_common(1)[0][1] / len(eval_records)
@@ -53,7 +53,8 @@ def test_reward_chat_text_keeps_its_first_turn_start(smollm2_dir):
     tokenizer = load_tokenizer(smollm2_dir)
     record = Record({"prompt": "What is the capital of Peru?", "chosen": "Lima.", "rejected": "I don't know."}, "x:1")
     examples, _ = build_preference_examples([record], tokenizer, 128, "chat")
-    conversation = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    conversation = [{"role": "user", "content": "What is the capital of Peru?"},
+                    {"role": "assistant", "content": "Lima."}]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     expected = tokenizer(rendered, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert examples[0]["chosen_ids"] == expected

@@ -140,7 +140,8 @@ def test_merged_tokenizer_grows_the_vocabulary_for_continued_pretraining(tmp_pat
     from transformers import AutoTokenizer
 
     zh, merged = tmp_path / "zh", tmp_path / "merged"
-    for script, *args in [(SCRIPTS / "train_tokenizer.py", "--inputs", str(REPO / "data" / "pretrain" / "raw" / "wudao_zh.json"),
+    wudao_zh = REPO / "data" / "pretrain" / "raw" / "wudao_zh.json"
+    for script, *args in [(SCRIPTS / "train_tokenizer.py", "--inputs", str(wudao_zh),
                            "--out_dir", str(zh), "--vocab_size", "1500", "--normalization", "identity"),
                           (SCRIPTS / "merge_tokenizer.py", "--base_tokenizer", str(REPO / "common" / "tiny_llama"),
                            "--add_tokenizer", str(zh), "--out_dir", str(merged))]:

@@ -127,7 +127,8 @@ def test_cls_recipes_resume_exactly(recipe, tmp_path):
 @pytest.mark.parametrize("content,needle", [
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', ":2: malformed JSON"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', ":2: missing field 'output'"),
-    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n', ":2: field 'output' must be a string, got int"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n',
+     ":2: field 'output' must be a string, got int"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": " "}\n', ":2: field 'output' is empty"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "b"}\n', ":2: not UTF-8"),
     (b"", ": no records (empty file)"),
@@ -177,5 +178,6 @@ def test_secrets_in_the_environment_never_reach_logs_or_config(tmp_path):
     written = proc.stdout + proc.stderr + "".join(p.read_text(errors="ignore") for p in out.rglob("*")
                                                   if p.is_file() and p.suffix in (".json", ".jsonl", ".txt"))
     assert not any(value in written for value in secrets.values())
-    sources = [p.read_text() for p in REPO.glob("*/*/train.py")] + [p.read_text() for p in (REPO / "common").glob("*.py")]
+    source_files = [*REPO.glob("*/*/train.py"), *(REPO / "common").glob("*.py")]
+    sources = [p.read_text() for p in source_files]
     assert not any("trust_remote_code=True" in s for s in sources)

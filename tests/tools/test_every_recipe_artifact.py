@@ -44,7 +44,8 @@ def test_adapter_of_every_lora_recipe_merges_and_is_usable(recipe, tmp_path):
                                                  "--max_new_tokens=4"])
             assert torch.isfinite(torch.tensor(result["loss"])) and result["perplexity"] > 1
         elif kind == "classification":
-            result = load_tool("evaluate").main([f"--model={merged}", f"--data={first_records(CLS_EVAL, 12, tmp_path)}"])
+            eval_records = first_records(CLS_EVAL, 12, tmp_path)
+            result = load_tool("evaluate").main([f"--model={merged}", f"--data={eval_records}"])
             assert 0 <= result["accuracy"] <= 1 and len(result["confusion_matrix"]) == 3
         else:  # a reward model: one output, its reward_model.json kept beside it
             model = AutoModelForSequenceClassification.from_pretrained(merged)
