@@ -6,7 +6,8 @@ Default run, no GPU, no download (tiny random-init Llama, bundled 3-way sentimen
     cd cls/qlora && bash run.sh
 Regression (one float target):      bash run.sh --task=regression --data_path=../../data/cls/regression_train.jsonl \
                                         --eval_data_path=../../data/cls/regression_eval.jsonl
-One GPU, a real checkpoint:         bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=train.jsonl --eval_data_path=eval.jsonl
+One GPU, a real checkpoint:         bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=train.jsonl \
+                                        --eval_data_path=eval.jsonl
 N GPUs (DDP): NGPU=N bash run.sh ...      Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
 Data (.jsonl, .json, .jsonl.zst): {"text": "...", "label": "positive"} (string or integer class) or a number for
 regression. Writes output_dir/: final/ (adapter with the score head, tokenizer, labels.json), eval_results.json,
@@ -24,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -36,18 +37,26 @@ from common.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
-from common.data import build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
+from common.cls_eval import (
+    ClsLoss,
+    cls_loss_sum,
+    data_report,
+    describe_loss,
+    eval_metrics,
+    log_eval,
+    parse_class_weights,
+    prediction_rows,
+    resolve_loss_name,
+    save_eval_results,
+    score_examples,
+    target_tensor,
+    write_jsonl,
+)
+from common.config import config_to_dict, exit_on_user_error, parse_config
+from common.data import batch_stream, build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import classification_loss_sum, regression_loss_sum, step_is_finite
-from common.metrics import (
-    balanced_class_weights,
-    classification_metrics,
-    majority_baseline,
-    mean_baseline,
-    regression_metrics,
-)
+from common.losses import is_finite, non_finite_error
 from common.model import (
     PooledClassifier,
     add_lora,
@@ -82,9 +91,9 @@ class Config:
     # model
     model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder
     quantization: Literal["nf4", "int8", "none"] = "nf4"  # base weights: 4-bit NormalFloat, 8-bit, or as stored
-    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
-    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
-    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
+    gradient_checkpointing: bool | None = None  # recompute activations in backward (less memory, slower); None: GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: layers split over the visible GPUs (too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for the rest) or 10GiB,22GiB; '': free
     lora_r: int = 16  # adapter rank
     lora_alpha: int = 32  # adapter scale is alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
@@ -98,6 +107,7 @@ class Config:
     max_seq_len: int = 512  # longer texts keep their start and the final EOS
     append_eos: bool = True  # end every text with EOS: the token a last-token classifier reads
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    inspect_data: bool = False  # data only: counts, lengths, truncation, labels, bad records; exit, no weights loaded
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -121,21 +131,20 @@ class Config:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
-def predict(classifier, examples, width, batch_size, pad_id, rt, autocast) -> torch.Tensor:
-    """Scores (`width` logits, or one number for regression) of every example in order, gathered from all ranks."""
-    classifier.eval()
-    scores = torch.zeros(len(examples), width, device=rt.device)
-    backbone = getattr(classifier, "module", classifier).model  # under DDP too
-    input_device = backbone.get_input_embeddings().weight.device  # the first GPU of a layer split
-    batches = plan_batches([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)
-    with torch.no_grad(), autocast():
-        for idx in batches[rt.rank::rt.world_size]:
-            batch = {k: v.to(input_device) for k, v in collate_left_padded([examples[i] for i in idx], pad_id).items()}
-            scores[idx] = classifier(**batch).float().to(scores.device)  # from the head's GPU
-    if rt.distributed:  # each example was scored by exactly one rank; the others hold zeros there
-        torch.distributed.all_reduce(scores)
-    classifier.train()
-    return scores.cpu()
+def resume(model, optimizer, scheduler, out: Path, rt, log) -> int:
+    """--resume: the adapter with the score head, optimizer, schedule and RNG of the latest checkpoint; returns its
+    step (0: none)."""
+    ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
+    if ckpt is None:
+        log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)
+    log.info(f"resumed from {ckpt} at step {start_step}")
+    return start_step
 
 
 def main(cfg: Config) -> dict:
@@ -146,41 +155,45 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
-    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
-    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
     precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
     dtype = precision.dtype
     scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    regression = cfg.task == "regression"
-    loss_name = cfg.loss if cfg.loss != "auto" else ("mse" if regression else "ce")
-    if (loss_name in ("mse", "huber")) != regression:
-        raise UserError(f"--loss={loss_name} does not fit --task={cfg.task}")
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    loss_name = resolve_loss_name(cfg.loss, cfg.task)  # auto: ce for classification, mse for regression
 
     # ---- tokenizer and data
     model_dir = resolve_model_path(cfg.model_path)
     tokenizer = load_tokenizer(model_dir)
     train_records = read_records(cfg.data_path)
-    labels = None if regression else label_set(train_records, cfg.label_field)
-    build = lambda records, require_label=True: build_cls_examples(  # noqa: E731
-        records, tokenizer, cfg.max_seq_len, cfg.task, labels, cfg.text_field, cfg.label_field, cfg.append_eos,
-        require_label)
+    labels = None if cfg.task == "regression" else label_set(train_records, cfg.label_field)
+
+    def build(records, require_label=True):
+        return build_cls_examples(records, tokenizer, cfg.max_seq_len, cfg.task, labels, cfg.text_field,
+                                  cfg.label_field, cfg.append_eos, require_label)
+
     train_examples, train_stats = build(train_records)
     eval_examples, eval_stats = build(read_records(cfg.eval_data_path)) if cfg.eval_data_path else ([], None)
     predict_records = read_records(cfg.predict_data_path) if cfg.predict_data_path else []
     train_targets = [e["label"] for e in train_examples]
-    class_weights = None
-    if not regression and cfg.class_weights != "none":
-        weights = (balanced_class_weights(train_targets, len(labels)) if cfg.class_weights == "balanced"
-                   else [float(w) for w in cfg.class_weights.split(",")])
-        if len(weights) != len(labels):
-            raise UserError(f"--class_weights has {len(weights)} values for {len(labels)} classes {labels}")
-        class_weights = torch.tensor(weights)
+    class_weights = parse_class_weights(cfg.class_weights, train_targets, labels)
+    loss = ClsLoss(cfg.task, loss_name, cfg.label_smoothing, class_weights, cfg.focal_gamma)
+    files = {"train": (cfg.data_path, train_examples, train_stats)}
+    files["eval"] = (cfg.eval_data_path, eval_examples, eval_stats)
+    if cfg.inspect_data:  # a data-only run: nothing written, no model weights read
+        files["predict"] = (cfg.predict_data_path, *build(predict_records, require_label=False))
+        if rt.is_main:
+            print("\n".join(data_report(files, tokenizer, cfg.task, labels)), flush=True)
+        cleanup(rt)
+        return {"inspect_data": True, "train_stats": train_stats, "eval_stats": eval_stats}
     lengths = [len(e["input_ids"]) for e in train_examples]
-    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
-                                      rt.rank, rt.world_size)
+
+    def plan(epoch):  # this rank's batches of one epoch
+        return plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, rt.rank, rt.world_size)
+
     batches_per_epoch = len(plan(0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
+    log = StepLogger(out, total_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
 
     # ---- model: quantized base, LoRA adapters, a fully trained score head
     from transformers import AutoModelForSequenceClassification
@@ -205,97 +218,64 @@ def main(cfg: Config) -> dict:
             classifier, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     # ---- optimizer and schedule
+    trained_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-    start_step = 0
-    if cfg.resume and (ckpt := resume_checkpoint(out)) is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    start_step = resume(model, optimizer, scheduler, out, rt, log) if cfg.resume else 0
 
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
-        start_step = load_trainer_state(ckpt, optimizer, scheduler)
-        log.info(f"resumed from {ckpt} at step {start_step}")
-
-    log.total_steps = total_steps
     log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + LoRA r={cfg.lora_r} + score head | "
              f"{cfg.pooling}-token pooling | trainable {trainable:,} / {total:,} params | {precision.reason}")
-    log.info(f"task     {cfg.task}, loss {loss_name}" + (f", {len(labels)} classes {labels}" if labels else "") +
-             (f", class weights {[round(w, 3) for w in class_weights.tolist()]}" if class_weights is not None else ""))
-    log.info(f"data     train {cfg.data_path}: {train_stats.summary()}")
-    if eval_stats:
-        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary()}")
+    log.info(f"task     {cfg.task}, {describe_loss(loss, labels)}")
+    for line in data_report(files, tokenizer, cfg.task, labels):
+        log.info(line)
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
-             f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | device {rt.describe()}")
+             f"{cfg.batch_size} x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | "
+             f"device {rt.describe()}")
     if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
         split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
         log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
-    def step_loss_sum(scores, targets):
-        targets = targets.to(scores.device)  # the head's GPU under a layer split
-        if regression:
-            return regression_loss_sum(scores.squeeze(-1), targets, loss_name)
-        return classification_loss_sum(scores, targets, loss_name, cfg.label_smoothing, class_weights, cfg.focal_gamma)
-
-    def evaluate() -> dict:
-        scores = predict(classifier, eval_examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
-        targets = [e["label"] for e in eval_examples]
-        target_tensor = torch.tensor(targets, dtype=torch.float if regression else torch.long)
-        metrics = {"eval_loss": step_loss_sum(scores, target_tensor).item() / len(targets)}
-        if regression:
-            metrics.update(regression_metrics(targets, scores[:, 0].tolist()))
-            metrics["baseline_mean"] = mean_baseline(train_targets, targets)
-        else:
-            metrics.update(classification_metrics(targets, scores.argmax(-1).tolist(), label_names))
-            metrics["baseline_majority"] = majority_baseline(train_targets, targets, len(labels))
-        return metrics
-
-    def log_eval(step, metrics):
-        keys = ("mse", "mae", "pearson", "spearman") if regression else ("accuracy", "macro_f1")
-        log.log(step, {"eval_loss": metrics["eval_loss"], **{f"eval_{k}": metrics[k] for k in keys}}, echo=False)
-        log.info(f"step {step}/{total_steps} | eval_loss {metrics['eval_loss']:.4f} | " +
-                 " | ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+    def evaluate(examples) -> torch.Tensor:  # scores of every example, each rank scoring its share
+        return score_examples(classifier, examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id,
+                              input_device, rt, autocast)
 
     # ---- training loop
-    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
-        epoch = 0
-        while True:
-            yield from plan(epoch)
-            epoch += 1
-
-    stream = micro_batches()
-    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
-        next(stream)
+    stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: what was trained on is skipped
     if eval_examples and start_step == 0:
-        log_eval(0, evaluate())
+        metrics = eval_metrics(evaluate(eval_examples), eval_examples, loss, label_names, train_targets)
+        log_eval(log, 0, total_steps, metrics, cfg.task)
     classifier.train()
     train_seconds, tokens_seen, losses = 0.0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk = [[train_examples[i] for i in next(stream)] for _ in range(cfg.grad_accum)]
-        n_examples, n_tokens = all_reduce_sum([sum(len(c) for c in chunk),
-                                               sum(len(e["input_ids"]) for c in chunk for e in c)], rt)
+        n_examples = sum(len(c) for c in chunk)
+        n_tokens = sum(len(e["input_ids"]) for c in chunk for e in c)
+        n_examples, n_tokens = all_reduce_sum([n_examples, n_tokens], rt)
         loss_sum = 0.0
         for i, examples in enumerate(chunk):
             batch = {k: v.to(input_device) for k, v in collate_left_padded(examples, tokenizer.pad_token_id).items()}
-            targets = torch.tensor([e["label"] for e in examples], dtype=torch.float if regression else torch.long)
             sync = i == len(chunk) - 1 or not rt.distributed
-            with (contextlib.nullcontext() if sync else train_classifier.no_sync()), autocast():
-                micro_loss = step_loss_sum(train_classifier(**batch), targets)
+            with (contextlib.nullcontext() if sync else train_classifier.no_sync()), autocast:
+                micro_loss = cls_loss_sum(train_classifier(**batch), target_tensor(examples, cfg.task), loss)
             # mean over the examples of the whole step on all ranks (DDP averages gradients, hence * world_size)
             scaler.scale(micro_loss * rt.world_size / n_examples).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         scaler.unscale_(optimizer)  # clip and report the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained_params, cfg.max_grad_norm)
         (loss_sum,) = all_reduce_sum([float(loss_sum)], rt)  # the step's one read of the device losses
-        loss = loss_sum / n_examples
-        # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
+        step_loss = loss_sum / n_examples
+        # before any update; with the fp16 scaler an overflow alone is the scaler's to skip
+        if not is_finite(step_loss, grad_norm, loss_scaled=scaler.is_enabled()):
+            if cfg.on_nan == "stop":
+                raise non_finite_error(step, step_loss, grad_norm, out)
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
             scheduler.step()
-            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            log.info(f"step {step}/{total_steps}: loss {step_loss}, gradient norm {float(grad_norm)}: skipped "
+                     "(--on_nan=skip)")
             continue
         scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed, and update() lowers the scale
         scaler.update()
@@ -304,13 +284,14 @@ def main(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
-        losses.append(loss)
+        losses.append(step_loss)
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
-            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            log.log(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log_eval(step, evaluate())
+            metrics = eval_metrics(evaluate(eval_examples), eval_examples, loss, label_names, train_targets)
+            log_eval(log, step, total_steps, metrics, cfg.task)
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -338,24 +319,15 @@ def main(cfg: Config) -> dict:
         atomic_write_dir(final_dir, write_final)
     results = None
     if eval_examples:
-        results = evaluate()
-        log_eval(total_steps, results)
+        results = eval_metrics(evaluate(eval_examples), eval_examples, loss, label_names, train_targets)
+        log_eval(log, total_steps, total_steps, results, cfg.task)
         if rt.is_main:
-            (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results}, indent=2) + "\n")
-            key = "mse" if regression else "accuracy"
-            base = results["baseline_mean" if regression else "baseline_majority"][key]
-            log.info(f"eval     {key} {results[key]:.4f} vs baseline ({'mean' if regression else 'majority class'}) "
-                     f"{base:.4f}; full report in {out / 'eval_results.json'}")
+            save_eval_results(log, out, total_steps, results, cfg.task)
     if predict_records:
         examples, _ = build(predict_records, require_label=False)
-        scores = predict(classifier, examples, len(label_names), cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        rows = prediction_rows(examples, evaluate(examples), cfg.task, labels, cfg.text_field)
         if rt.is_main:
-            with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-                for e, s in zip(examples, scores):
-                    row = ({"prediction": s[0].item()} if regression else
-                           {"prediction": labels[int(s.argmax())],
-                            "probabilities": dict(zip(label_names, torch.softmax(s, -1).tolist()))})
-                    f.write(json.dumps({cfg.text_field: e["text"], **row}, ensure_ascii=False) + "\n")
+            write_jsonl(out / "predictions.jsonl", rows)
             log.info(f"predictions for {len(examples)} records in {out / 'predictions.jsonl'}")
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
              f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
