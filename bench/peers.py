@@ -4,7 +4,7 @@ and steps: one command, one table per family.
     python bench/peers.py --family all                          # CPU: tiny Llama, bundled data, 30 steps, 2 rounds
     python bench/peers.py --family cls --steps 2 --rounds 1     # a smoke run (seconds of training, numbers are noise)
     python bench/peers.py --family sft --model_path=/models/llama-8b --max_seq_len=2048 --batch_size=4 \
-        --gradient_checkpointing=true --steps 30 --rounds 2    # one GPU; bench/gpu.sh runs this at 8B
+        --gradient_checkpointing=true --steps 30 --rounds 2    # one GPU; bench/gpu_smoke.sh runs it at the 1B shape
     python bench/peers.py --family pretrain --json out.json     # also write every round's raw numbers
 
 Families and contenders; each contender runs in its own process (so its peak memory is its own), in turn A B A B
@@ -29,7 +29,8 @@ quant and LoRA r / alpha / dropout 0.05 on every linear layer (cls: the score he
 Reported per contender (median over rounds): real (non-pad) tokens per second of the training loop (model loading,
 data preparation and evals excluded), milliseconds per optimizer step, peak memory (process RSS on CPU, max allocated
 on a GPU), useful-token fraction (real tokens / tokens computed, pads included), final training loss, and ours / this
-tok/s. Pretraining packs documents into full windows: no pads, so the useful-token fraction is 1.0 for both by
+tok/s; --json also has the peak the GPU allocator reserved (peak_reserved_gb per round, reserved_gb in the
+medians). Pretraining packs documents into full windows: no pads, so the useful-token fraction is 1.0 for both by
 construction (not measured).
 """
 import argparse
@@ -72,6 +73,13 @@ def peak_memory() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9, "gpu"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "rss"  # KiB on Linux
+
+
+def peak_reserved_memory() -> float | None:
+    """The most the CUDA caching allocator held (allocated + cached blocks), GB; None without a GPU."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 1e9 if torch.cuda.is_available() else None
 
 
 def import_recipe(folder: str):
@@ -311,13 +319,13 @@ def pretrain_torch(s, out):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.steps, s.warmup_steps))
     source = open_token_source(s.data_path, tokenizer)
     loader = iter(packed_loader(source, s.seq_len, s.batch_size, 0, 1, PRETRAIN_LOADER_WORKERS, SEED))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     model.train()
     seconds, tokens, losses = 0.0, 0, []
     for _ in range(s.steps):
         t0 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}  # input_ids, labels, positions
-        with autocast():
+        with autocast:
             loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
@@ -370,13 +378,14 @@ def worker_main(spec: str, settings: dict):
     with tempfile.TemporaryDirectory() as out:
         result = WORKERS[family, name](SimpleNamespace(**settings), Path(out) / "out")
     result["peak_mem_gb"], result["mem_kind"] = peak_memory()
+    result["peak_reserved_gb"] = peak_reserved_memory()
     result["gradient_checkpointing"] = settings["gradient_checkpointing"]
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def family_settings(family: str, args) -> dict:
-    s = {**DEFAULTS[family], "model_path": args.model_path, "steps": args.steps, "pretrain_recipe": args.pretrain_recipe,
-         "gradient_checkpointing": args.gradient_checkpointing}
+    s = {**DEFAULTS[family], "model_path": args.model_path, "steps": args.steps,
+         "pretrain_recipe": args.pretrain_recipe, "gradient_checkpointing": args.gradient_checkpointing}
     for key in ("data_path", "batch_size", "seq_len", "lora_r", "lora_alpha", "lr", "contenders"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -384,10 +393,14 @@ def family_settings(family: str, args) -> dict:
 
 
 def medians(rows: list[dict]) -> dict:
-    med = lambda f: statistics.median(f(x) for x in rows)  # noqa: E731
+    def med(f):
+        return statistics.median(f(x) for x in rows)
+
+    reserved = [x.get("peak_reserved_gb") for x in rows]
     return {"tok_s": med(lambda x: x["tokens"] / x["train_seconds"]),
             "step_ms": med(lambda x: 1000 * x["train_seconds"] / x["steps"]),
             "mem_gb": med(lambda x: x["peak_mem_gb"]),
+            "reserved_gb": statistics.median(reserved) if None not in reserved else None,
             "useful": med(lambda x: x["tokens"] / x["tokens_computed"]),
             "final_loss": med(lambda x: x["final_loss"]), "mem_kind": rows[0]["mem_kind"], "rounds": len(rows)}
 
@@ -408,7 +421,8 @@ def print_table(family: str, s: dict, table: dict, rounds: int):
         print(f"| {name} ({label}) | {t['tok_s']:,.0f} | {t['step_ms']:,.0f} | {t['mem_gb']:.2f} | {t['useful']:.3f} | "
               f"{t['final_loss']:.4f} | {ratio} |")
     if family == "pretrain":
-        print("useful tokens: 1.000 for every contender by construction (documents packed into full windows, no padding)")
+        print("useful tokens: 1.000 for every contender by construction (documents packed into full windows, "
+              "no padding)")
 
 
 def build_parser() -> argparse.ArgumentParser:

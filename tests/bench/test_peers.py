@@ -79,3 +79,15 @@ def test_sft_wrapper_keeps_its_command_line():
     assert proc.returncode == 0, proc.stderr
     for option in ("--steps", "--rounds", "--max_seq_len", "--model_path", "--contenders", "--gradient_checkpointing"):
         assert option in proc.stdout
+
+
+def test_medians_over_rounds_with_and_without_reserved_memory():
+    rounds = [{"tokens": 1000, "train_seconds": 2.0, "steps": 4, "peak_mem_gb": 3.0, "peak_reserved_gb": 4.0,
+               "tokens_computed": 1250, "final_loss": 1.5, "mem_kind": "gpu"},
+              {"tokens": 1000, "train_seconds": 4.0, "steps": 4, "peak_mem_gb": 5.0, "peak_reserved_gb": 6.0,
+               "tokens_computed": 1250, "final_loss": 2.5, "mem_kind": "gpu"}]
+    m = peers.medians(rounds)
+    assert (m["tok_s"], m["step_ms"], m["mem_gb"], m["reserved_gb"]) == (375.0, 750.0, 4.0, 5.0)
+    assert (m["useful"], m["final_loss"], m["rounds"]) == (0.8, 2.0, 2)
+    cpu = [{**r, "peak_reserved_gb": None, "mem_kind": "rss"} for r in rounds]
+    assert peers.medians(cpu)["reserved_gb"] is None
