@@ -158,6 +158,35 @@ def test_resume_continues_exactly_and_ignores_half_written_checkpoints(tmp_path,
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
 
 
+def nan_on_call(n, real):
+    """A loss function that returns nan on its n-th call (the n-th micro-batch) and is `real` otherwise."""
+    calls = {"count": 0}
+
+    def loss(*args, **kwargs):
+        calls["count"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["count"] == n else value
+    return loss
+
+
+@pytest.mark.slow
+def test_nan_step_stops_before_its_update_or_is_skipped(tmp_path, monkeypatch):
+    """--on_nan=stop raises before the last engine.step of the step; --on_nan=skip lets DeepSpeed drop the update
+    (its overflow check sees the non-finite gradient norm) and training goes on with finite weights."""
+    from common.losses import NonFiniteLoss, token_loss_sum
+
+    args = ["--max_steps=4", "--eval_data_path="]
+    monkeypatch.setattr(full_ft, "token_loss_sum", nan_on_call(3, token_loss_sum))
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss nan, .*\(last checkpoint: .*step_00000002\)"):
+        run_main(tmp_path / "stop", *args, "--save_every=2")
+    monkeypatch.setattr(full_ft, "token_loss_sum", nan_on_call(3, token_loss_sum))
+    result = run_main(tmp_path / "skip", *args, "--on_nan=skip")
+    rows = [r for r in read_metrics(tmp_path / "skip") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
 def test_config_mistakes_are_clear(tmp_path):
     from common.config import UserError
 
