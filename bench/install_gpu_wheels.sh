@@ -5,7 +5,8 @@
 # The wheels are installed with `pip install --no-deps --no-index` (all in one call; one by one if that fails) into
 # the Python that holds torch (PYTHON, default python3), or with --target into LTR_WHEELS_TARGET when that is set (then
 # put that folder on PYTHONPATH yourself). One line per wheel: "installed: NAME VERSION" or
-# "FAILED: NAME VERSION: <pip's last line>", then the packages pack_gpu_wheels.sh did not carry ("NAME: not carried (<reason>)"), then a count.
+# "FAILED: NAME VERSION: <pip's last line>", then the packages pack_gpu_wheels.sh did not carry
+# ("NAME: not carried (<reason>)"), then a count.
 # It always exits 0: a package that fails to install must not stop the smoke run that calls it.
 set -u
 

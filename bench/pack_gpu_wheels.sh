@@ -20,8 +20,14 @@
 #                 annotated-types + typing-inspection + typing-extensions (pydantic needs a recent one), and ninja
 #                 (to JIT-build the ops; small).
 #   liger-kernel  pure Python + triton (pinned below: it is not in requirements.txt).
-#   gptqmodel     not carried: see GPTQ_REASON below; the script prints "gptqmodel: not carried (<reason>)" and writes
-#                 the same line to .whl/NOT_CARRIED, which install_gpu_wheels.sh prints on the GPU machine.
+#   gptqmodel     (sft/peft-int4, data_scripts/quantize_gptq.py) built here from its sdist (pure Python, ~1.8 MB),
+#                 with its needs the GPU image lacks: defuser, device-smi, logbar, tokenicer (sdists, built here),
+#                 pypcre (a C extension linking the system's libpcre2-8: built here by a Python of the GPU machine's
+#                 version, found on PATH or under pyenv, or LTR_WHEELS_TARGET_INTERPRETER), optimum, datasets, dill,
+#                 multiprocess, torchao (published wheels).
+#                 When any of that fails (or LTR_WHEELS_GPTQ=0), none of it is carried: the script prints
+#                 "gptqmodel: not carried (<reason>)" and writes that line to .whl/NOT_CARRIED, which
+#                 install_gpu_wheels.sh prints on the GPU machine (the peft-int4 rows of the GPU smoke then say so).
 #
 # Cached and idempotent: downloads and builds go to $LTR_WHEEL_CACHE (default ~/.cache/llama-train-recipes/wheels) and
 # are reused; a second run only copies (seconds). .whl/ is emptied of old wheels first, so it holds one version of each.
@@ -29,7 +35,8 @@
 #
 # Environment (defaults in brackets): LTR_WHEELS_DIR [.whl, in the repo root], LTR_WHEEL_CACHE [see above],
 #   LTR_WHEELS_BUDGET_MIB [48] (whole MiB), LTR_WHEELS_PYTHON [3.12] (the GPU machine's Python), LTR_BNB_CUDA [130]
-#   (the bitsandbytes CUDA library to keep), PYTHON [python] (the venv's, for pip and the versions).
+#   (the bitsandbytes CUDA library to keep), LTR_WHEELS_GPTQ [1] (0: leave the gptqmodel stack out),
+#   LTR_WHEELS_TARGET_INTERPRETER [python3.12 found as above], PYTHON [python] (the venv's, for pip and the versions).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,10 +47,14 @@ BUDGET_MIB=${LTR_WHEELS_BUDGET_MIB:-48}
 TARGET_PY=${LTR_WHEELS_PYTHON:-3.12}
 BNB_CUDA=${LTR_BNB_CUDA:-130}
 LIGER_VERSION=0.8.5
-GPTQ_REASON="its stack needs wheels built for Python 3.12 here (pypcre compiles a C extension; defuser, device-smi, \
-logbar and tokenicer are sdists) and torchao's compiled ops for another torch; nothing can be built on the GPU machine"
+GPTQ=${LTR_WHEELS_GPTQ:-1}
 # deepspeed's imports that the GPU image lacks (or has too old for pydantic), at the venv's versions.
 DEEPSPEED_NEEDS=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions ninja)
+# The gptqmodel stack the GPU image lacks: pure-Python sdists built here; published wheels; a C extension built here
+# by a Python of the GPU machine's version.
+GPTQ_BUILT=(gptqmodel defuser device-smi logbar tokenicer)
+GPTQ_DOWNLOADED=(optimum datasets dill multiprocess torchao)
+GPTQ_COMPILED=(pypcre)
 # Linux x86_64 platform tags a wheel for the GPU machine may carry (pip matches each exactly).
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
@@ -52,7 +63,7 @@ if [[ ! $BUDGET_MIB =~ ^[0-9]+$ ]]; then
     echo "pack_gpu_wheels: LTR_WHEELS_BUDGET_MIB=$BUDGET_MIB: expected a whole number of MiB" >&2
     exit 2
 fi
-mkdir -p "$CACHE/download" "$CACHE/built" "$CACHE/repacked" "$OUT_DIR"
+mkdir -p "$CACHE/download" "$CACHE/built" "$CACHE/built-py$TARGET_PY" "$CACHE/repacked" "$OUT_DIR"
 LOG="$CACHE/pip.log"
 
 # The venv's version of a distribution; fails with a one-line message when the venv lacks it.
@@ -95,23 +106,83 @@ downloaded_wheel() {
     echo "$found"
 }
 
-# deepspeed VERSION built here without its ops (a py3-none-any wheel), once.
-build_deepspeed() {
-    local version=$1 found
-    found=$(cached_wheel "$CACHE/built" deepspeed "$version")
-    if [[ -z $found ]]; then
-        DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$CACHE/built" "deepspeed==$version" \
-            >>"$LOG" 2>&1 || {
-            echo "pack_gpu_wheels: building deepspeed==$version failed (see $LOG)" >&2
-            return 1
-        }
-        found=$(cached_wheel "$CACHE/built" deepspeed "$version")
-    fi
+# Builds the pure-Python wheels NAME==VERSION ... that $CACHE/built lacks from their sdists, in one pip call with the
+# venv's build tools (DS_BUILD_OPS=0: deepspeed's ops are left to JIT-compile on the GPU machine).
+build_pure_wheels() {
+    local spec missing=()
+    for spec in "$@"; do
+        if [[ -z $(cached_wheel "$CACHE/built" "${spec%%==*}" "${spec#*==}") ]]; then missing+=("$spec"); fi
+    done
+    ((${#missing[@]})) || return 0
+    DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$CACHE/built" "${missing[@]}" \
+        >>"$LOG" 2>&1 || {
+        echo "pack_gpu_wheels: building ${missing[*]} failed (see $LOG)" >&2
+        return 1
+    }
+}
+
+# Path of the wheel NAME==VERSION that build_pure_wheels built; fails when it is missing or not pure Python.
+built_wheel() {
+    local found
+    found=$(cached_wheel "$CACHE/built" "${1%%==*}" "${1#*==}")
     if [[ $found != *-py3-none-any.whl ]]; then
-        echo "pack_gpu_wheels: $found is not a pure-Python wheel (was DS_BUILD_OPS=0 honoured?)" >&2
+        echo "pack_gpu_wheels: no pure-Python wheel for $1 in $CACHE/built (${found:-none}; see $LOG)" >&2
         return 1
     fi
     echo "$found"
+}
+
+# A Python of the GPU machine's version ($TARGET_PY) on this machine, to build C extensions for it; or nothing.
+target_interpreter() {
+    local candidate pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
+    for candidate in ${LTR_WHEELS_TARGET_INTERPRETER:-} "python$TARGET_PY" \
+        "$pyenv_root"/versions/"$TARGET_PY".*/bin/"python$TARGET_PY" "/usr/bin/python$TARGET_PY"; do
+        if "$candidate" -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != sys.argv[1])' "$TARGET_PY" \
+            2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+}
+
+# Appends the gptqmodel stack's wheels to `wheels`; on failure sets gptq_reason and appends nothing.
+carry_gptqmodel() {
+    local name version spec interpreter found specs_built=() specs_downloaded=() found_wheels=()
+    for name in "${GPTQ_BUILT[@]}" "${GPTQ_DOWNLOADED[@]}" "${GPTQ_COMPILED[@]}"; do
+        version=$(venv_version "$name" 2>/dev/null) || { gptq_reason="$name is not in the venv"; return 1; }
+        spec="$name==$version"
+        if [[ " ${GPTQ_BUILT[*]} " == *" $name "* ]]; then specs_built+=("$spec"); fi
+        if [[ " ${GPTQ_DOWNLOADED[*]} " == *" $name "* ]]; then specs_downloaded+=("$spec"); fi
+    done
+    build_pure_wheels "${specs_built[@]}" || { gptq_reason="building ${specs_built[*]} failed"; return 1; }
+    fetch_wheels "${specs_downloaded[@]}" || { gptq_reason="no wheels of ${specs_downloaded[*]}"; return 1; }
+    for spec in "${specs_built[@]}"; do
+        found=$(built_wheel "$spec") || { gptq_reason="no pure-Python wheel for $spec"; return 1; }
+        found_wheels+=("$found")
+    done
+    for spec in "${specs_downloaded[@]}"; do
+        found=$(downloaded_wheel "$spec") || { gptq_reason="no wheel for $spec"; return 1; }
+        found_wheels+=("$found")
+    done
+    for name in "${GPTQ_COMPILED[@]}"; do
+        version=$(venv_version "$name")
+        found=$(cached_wheel "$CACHE/built-py$TARGET_PY" "$name" "$version")
+        if [[ -z $found ]]; then
+            interpreter=$(target_interpreter)
+            if [[ -z $interpreter ]]; then
+                gptq_reason="$name compiles a C extension and no Python $TARGET_PY was found here to build it for the"
+                gptq_reason+=" GPU machine (set LTR_WHEELS_TARGET_INTERPRETER)"
+                return 1
+            fi
+            "$interpreter" -m pip wheel --no-deps -w "$CACHE/built-py$TARGET_PY" "$name==$version" >>"$LOG" 2>&1 || {
+                gptq_reason="building $name==$version with $interpreter failed (see $LOG)"
+                return 1
+            }
+            found=$(cached_wheel "$CACHE/built-py$TARGET_PY" "$name" "$version")
+        fi
+        found_wheels+=("$found")
+    done
+    wheels+=("${found_wheels[@]}")
 }
 
 # The bitsandbytes wheel SRC rewritten to DST with only the CPU and the cuda$BNB_CUDA libraries, and its RECORD
@@ -172,11 +243,19 @@ wheels+=("$bnb_slim")
 for spec in "${downloads[@]:1}"; do
     wheels+=("$(downloaded_wheel "$spec")")
 done
-wheels+=("$(build_deepspeed "$ds_version")")
+build_pure_wheels "deepspeed==$ds_version"
+wheels+=("$(built_wheel "deepspeed==$ds_version")")
+
+gptq_reason="LTR_WHEELS_GPTQ=$GPTQ"
+if [[ $GPTQ == 1 ]] && carry_gptqmodel; then
+    gptq_reason=""
+fi
 
 rm -f "$OUT_DIR"/*.whl "$OUT_DIR/NOT_CARRIED"
 cp "${wheels[@]}" "$OUT_DIR/"
-echo "gptqmodel: not carried ($GPTQ_REASON)" | tee "$OUT_DIR/NOT_CARRIED"
+if [[ -n $gptq_reason ]]; then
+    echo "gptqmodel: not carried ($gptq_reason)" | tee "$OUT_DIR/NOT_CARRIED"
+fi
 
 echo "wheels in $OUT_DIR (for the GPU machine: Python $TARGET_PY, CUDA library cuda$BNB_CUDA):"
 for whl in "$OUT_DIR"/*.whl; do
