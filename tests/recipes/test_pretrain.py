@@ -17,15 +17,36 @@ DEEPSPEED, FSDP = REPO / "pretrain" / "deepspeed", REPO / "pretrain" / "fsdp"
 SHARDS = REPO / "data" / "pretrain" / "shards"
 SCRIPTS = REPO / "data_scripts"
 pretrain_ds, pretrain_fsdp = load_recipe(DEEPSPEED), load_recipe(FSDP)
+RECIPES = {"deepspeed": pretrain_ds, "fsdp": pretrain_fsdp}
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 FAST = ["--report_to=none", "--log_every=1", "--warmup_steps=2"]
-
+# the shared uninterrupted run: checkpoints at steps 3 and 6, two loader workers (the data position is per worker),
+# two micro-batches a step, documents masked from each other
+STRAIGHT = ["--max_steps=6", "--save_every=3", "--num_workers=2", "--batch_size=4", "--grad_accum=2", "--document_mask"]
+PROBE = "The river runs to the sea. 今天天气很好。"
 
 
 def run_main(recipe, out, *args):
     return recipe.main(recipe.parse_config(recipe.Config, [f"--output_dir={out}", *FAST, *args]))
 
 
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory) -> dict:
+    """One STRAIGHT run per recipe, shared by the tests that compare against it (each recipe run costs seconds of
+    start-up): its output folder, losses, and the trained model's logits on PROBE, taken as the run returned."""
+    runs = {}
+    for name, recipe in RECIPES.items():
+        out = tmp_path_factory.mktemp(name) / "out"
+        result = run_main(recipe, out, *STRAIGHT)
+        ids = torch.tensor([result["tokenizer"](PROBE).input_ids])
+        with torch.no_grad():
+            logits = result["model"].eval()(input_ids=ids).logits
+        runs[name] = {"out": out, "losses": result["losses"], "final_dir": result["final_dir"], "ids": ids,
+                      "logits": logits}
+    return runs
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [DEEPSPEED, FSDP], ids=["deepspeed", "fsdp"])
 def test_run_sh_pretrains_with_eval_and_writes_a_checkpoint(recipe, tmp_path):
     out = tmp_path / "out"
@@ -50,42 +71,41 @@ def test_run_sh_pretrains_with_eval_and_writes_a_checkpoint(recipe, tmp_path):
     assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("recipe", [pretrain_ds, pretrain_fsdp], ids=["deepspeed", "fsdp"])
-def test_final_checkpoint_reproduces_the_trained_model(recipe, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_final_checkpoint_reproduces_the_trained_model(name, straight_runs):
     from transformers import AutoModelForCausalLM
 
-    result = run_main(recipe, tmp_path / "out", "--max_steps=4", "--document_mask")
-    ids = torch.tensor([result["tokenizer"]("The river runs to the sea. 今天天气很好。").input_ids])
+    run = straight_runs[name]
     with torch.no_grad():
-        in_memory = result["model"].eval()(input_ids=ids).logits
-        reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()(input_ids=ids).logits
-    torch.testing.assert_close(reloaded, in_memory, atol=1e-5, rtol=0)
+        reloaded = AutoModelForCausalLM.from_pretrained(run["final_dir"]).eval()(input_ids=run["ids"]).logits
+    torch.testing.assert_close(reloaded, run["logits"], atol=1e-5, rtol=0)
 
 
-def test_deepspeed_and_fsdp_compute_the_same_steps(tmp_path):
+@pytest.mark.slow
+def test_deepspeed_and_fsdp_compute_the_same_steps(straight_runs):
     """Same seed, same init, same windows: ZeRO-1 and FSDP2 are two ways of taking the same optimizer steps."""
-    args = ["--max_steps=5", "--batch_size=4", "--grad_accum=2"]
-    ds = run_main(pretrain_ds, tmp_path / "ds", *args)
-    fsdp = run_main(pretrain_fsdp, tmp_path / "fsdp", *args)
-    assert fsdp["losses"] == pytest.approx(ds["losses"], abs=1e-4)
-    assert ds["losses"][-1] < ds["losses"][0]
+    ds, fsdp = straight_runs["deepspeed"]["losses"], straight_runs["fsdp"]["losses"]
+    assert len(ds) == 6 and fsdp == pytest.approx(ds, abs=1e-4)
+    assert ds[-1] < ds[0]
 
 
-@pytest.mark.parametrize("recipe", [pretrain_ds, pretrain_fsdp], ids=["deepspeed", "fsdp"])
-def test_resume_gives_the_same_next_steps(recipe, tmp_path):
-    """Interrupted after step 3 and resumed (two loader workers, so the data position is per worker), the run
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_resume_gives_the_same_next_steps(name, straight_runs, tmp_path):
+    """Interrupted after step 3 (a copy of the straight run without its step-6 checkpoint) and resumed, the run
     continues with the losses of the uninterrupted one; a half-written checkpoint is never picked up."""
-    args = ["--max_steps=6", "--save_every=3", "--num_workers=2", "--batch_size=4"]
-    straight = run_main(recipe, tmp_path / "a", *args)
-    run_main(recipe, tmp_path / "b", *args)
-    checkpoints = tmp_path / "b" / "checkpoints"
+    out = tmp_path / "out"
+    shutil.copytree(straight_runs[name]["out"], out)  # the shared run's folder stays as it was
+    checkpoints = out / "checkpoints"
     shutil.rmtree(checkpoints / "step_00000006")
     (checkpoints / ".step_00000009.tmp").mkdir()  # what a crash while saving step 9 would leave
-    resumed = run_main(recipe, tmp_path / "b", *args, "--resume")
+    resumed = run_main(RECIPES[name], out, *STRAIGHT, "--resume")
     assert resumed["steps"] == 3
-    assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-5)
+    assert resumed["losses"] == pytest.approx(straight_runs[name]["losses"][3:], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_two_processes_deepspeed_launcher_and_torchrun_agree(tmp_path):
     from common.runtime import free_port
@@ -108,6 +128,7 @@ def test_two_processes_deepspeed_launcher_and_torchrun_agree(tmp_path):
     assert losses["fsdp"] == pytest.approx(losses["deepspeed"], abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_raw_files_to_a_pretrained_checkpoint(tmp_path):
     """The README's path: raw files -> shards -> a new tokenizer -> a token file -> pretraining on it, with both
@@ -135,6 +156,7 @@ def test_raw_files_to_a_pretrained_checkpoint(tmp_path):
         assert json.loads((out / "final" / "config.json").read_text())["vocab_size"] == 1024  # 1000 rounded to 64s
 
 
+@pytest.mark.slow
 def test_merged_tokenizer_grows_the_vocabulary_for_continued_pretraining(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -172,6 +194,7 @@ def test_grow_vocabulary_starts_new_rows_at_the_mean(tiny_dir):
     assert model.get_output_embeddings().weight.shape[0] == 2100 and model.config.vocab_size == 2100
 
 
+@pytest.mark.slow
 def test_zero3_trains_and_grows_the_vocabulary_at_the_mean_row(tmp_path, tiny_dir):
     """Under ZeRO-3 a partitioned weight's own shape is (0,): the vocabulary is counted from its whole shape, so the
     loss stays finite and falls, and a larger tokenizer's new input rows start at the mean of init_from's rows (no
