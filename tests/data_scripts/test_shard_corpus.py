@@ -115,6 +115,7 @@ def test_max_lines_split_and_manifest_describe_the_files(tmp_path):
     assert [r["text"] for r in read_all(out)] == [f"file {f} text {i}" for f in range(2) for i in range(5)]
 
 
+@pytest.mark.slow  # the script in child processes, with and without a worker pool
 def test_workers_do_not_change_the_shards(tmp_path):
     raw = numbered_inputs(tmp_path / "raw", files=5, per_file=9)
     for workers in (1, 2):
@@ -131,6 +132,7 @@ def test_workers_do_not_change_the_shards(tmp_path):
 # ---- bad input
 
 
+@pytest.mark.slow  # the script with a worker pool, in a child process
 def test_bad_line_is_one_error_line_and_nothing_is_written(tmp_path):
     raw = numbered_inputs(tmp_path / "raw", files=2, per_file=3)
     with open(raw / "part1.jsonl", "a") as f:

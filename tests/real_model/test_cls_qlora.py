@@ -4,8 +4,12 @@ import json
 import math
 from collections import Counter
 
+import pytest
+
 from tests.conftest import REPO, read_metrics, run_script
 from tests.real_model.conftest import CLS_DATA, english_records, write_jsonl
+
+pytestmark = pytest.mark.slow  # the real checkpoint: end-to-end recipe runs
 
 SHORT = ["--max_seq_len=64", "--log_every=1", "--lora_r=8", "--report_to=none"]
 

@@ -11,6 +11,8 @@ from tests.conftest import REPO
 from tests.real_model.conftest import write_jsonl
 from tests.tools.conftest import load_tool
 
+pytestmark = pytest.mark.slow  # the real checkpoint: converted, loaded and run on CPU
+
 TEXTS = ("The capital of France is", "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -10,6 +10,8 @@ from tests.conftest import REPO, read_metrics, run_script
 from tests.real_model.conftest import SFT_DATA, english_records, write_jsonl
 from tests.tools.conftest import load_tool
 
+pytestmark = pytest.mark.slow  # the real checkpoint: end-to-end recipe runs
+
 RECIPE = REPO / "sft" / "full-ft-deepspeed-offload"
 # DeepSpeedCPUAdam is compiled with gcc on first use (60-90 s); share the build with run.sh's default location
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))

@@ -10,6 +10,8 @@ from tests.conftest import REPO, read_metrics, run_script
 from tests.real_model.conftest import SFT_DATA, english_records, write_jsonl
 from tests.tools.conftest import load_tool
 
+pytestmark = pytest.mark.slow  # the real checkpoint: end-to-end recipe runs
+
 RECIPE = REPO / "sft" / "qlora"
 PROMPTS = [{"instruction": "What is the capital of Italy?"},
            {"instruction": "Give the opposite of the word \"up\"."},

@@ -14,6 +14,7 @@ ARGS = ["--report_to=none", "--eval_data_path=", "--batch_size=4", "--grad_accum
         "--max_steps=5"]
 
 
+@pytest.mark.slow  # two in-process sft/qlora runs
 def test_the_loop_with_an_enabled_grad_scaler_trains_as_without(tmp_path, monkeypatch):
     def run(out):
         return sft_qlora.main(sft_qlora.parse_config(sft_qlora.Config, [f"--output_dir={out}", *ARGS]))

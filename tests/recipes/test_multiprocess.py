@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import REPO, read_metrics, run_script
 
+pytestmark = pytest.mark.slow  # two-process recipe runs
+
 DATA = REPO / "data" / "cls"
 ONE_RECORD = {"cls/qlora": DATA / "eval.jsonl", "cls/peft-int4": DATA / "eval.jsonl",
               "cls/reward-qlora": DATA / "preference_eval.jsonl"}

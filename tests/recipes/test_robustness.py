@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import REPO, load_recipe, read_metrics, run_script
 
+pytestmark = pytest.mark.slow  # every test here runs a recipe, in-process or through run.sh
+
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 SFT_QLORA = REPO / "sft" / "qlora"
 sft_qlora = load_recipe(SFT_QLORA)

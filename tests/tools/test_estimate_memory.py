@@ -153,6 +153,7 @@ def measured(tmp_path_factory):
     return {run: r for run, r in zip(RUNS, results)}
 
 
+@pytest.mark.slow  # the measured peaks come from training runs in child processes
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}x{r[3]}")
 def test_cpu_estimate_is_within_20_percent_of_the_measured_peak(measured, run):
     r = measured[run]

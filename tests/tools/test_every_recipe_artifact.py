@@ -9,6 +9,8 @@ import torch
 from tests.conftest import REPO
 from tests.tools.conftest import load_tool, one_thread, train
 
+pytestmark = pytest.mark.slow  # every recipe trained, then the tools on its output
+
 SFT_EVAL = REPO / "data" / "sft" / "eval.jsonl"
 CLS_EVAL = REPO / "data" / "cls" / "eval.jsonl"
 
