@@ -18,6 +18,7 @@ SAME_STEPS = ["--report_to=none", "--lora_dropout=0", "--group_by_length=false",
               "--max_steps=5"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_write_an_adapter_that_evaluates_the_same_reloaded(tmp_path):
     """Two gloo processes train (loss and eval loss fall), and the adapter gathered to rank 0, put on a freshly
     loaded NF4 base in one process, gives the eval loss the sharded run measured: the saved adapter is the trained
@@ -41,6 +42,7 @@ def test_two_processes_train_and_write_an_adapter_that_evaluates_the_same_reload
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(evals[-1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
     """FSDP's gathers and reduce-scatters of 4-bit and LoRA shards change nothing: 2 processes x batch 2 make the
     same loss curve as 1 process x batch 4 on the same examples."""
@@ -59,6 +61,7 @@ def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
     assert len(evals) == 2 and all(math.isfinite(x) for x in evals), evals
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_steps(tmp_path):
     """Interrupted after step 3 (its later checkpoint gone) and resumed: adapters, AdamW states, schedule, RNG and
     data position come back from the sharded checkpoint, and the next steps repeat the uninterrupted run's."""
@@ -71,6 +74,7 @@ def test_resume_gives_the_same_next_steps(tmp_path):
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_offload_without_a_gpu_is_refused_in_one_line(tmp_path):
     proc = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path}", "--cpu_offload=true",
                       env_extra={"NGPU": "1", "MASTER_PORT": str(free_port())})
@@ -78,6 +82,7 @@ def test_cpu_offload_without_a_gpu_is_refused_in_one_line(tmp_path):
     assert "--cpu_offload=true" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_bad_training_record_is_one_line_through_the_default_run_sh(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n')

@@ -72,6 +72,7 @@ def train_lengths() -> list[int]:
     return [len(e["input_ids"]) for e in examples]
 
 
+@pytest.mark.slow
 def test_run_sh_trains_with_cpu_adam_offload_and_writes_artifacts(tmp_path):
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=12", "--batch_size=8", "--grad_accum=1",
@@ -83,7 +84,8 @@ def test_run_sh_trains_with_cpu_adam_offload_and_writes_artifacts(tmp_path):
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses  # loss falls
     assert len(evals) == 3 and evals[-1] < evals[0]
-    assert all(k in r for r in read_metrics(out) if "loss" in r for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s"))
+    step_keys = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
+    assert all(k in r for r in read_metrics(out) if "loss" in r for k in step_keys)
     assert "step 12/12 | loss" in proc.stdout and "tok/s | mem" in proc.stdout
     final = out / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -94,6 +96,7 @@ def test_run_sh_trains_with_cpu_adam_offload_and_writes_artifacts(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_final_checkpoint_reloads_and_reproduces_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +105,8 @@ def test_final_checkpoint_reloads_and_reproduces_logits(tmp_path):
 
     result = run_main(tmp_path / "out", "--max_steps=3")
     tok = result["tokenizer"]
-    batch = collate_left_padded([{"input_ids": tok(t).input_ids} for t in ("Reverse: a b c", "你好，世界")], tok.pad_token_id)
+    texts = ("Reverse: a b c", "你好，世界")
+    batch = collate_left_padded([{"input_ids": tok(t).input_ids} for t in texts], tok.pad_token_id)
     model = result["model"].eval()
     reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"], local_files_only=True).eval()
     untrained = load_model(resolve_model_path("tiny"), "none").eval()
@@ -113,6 +117,7 @@ def test_final_checkpoint_reloads_and_reproduces_logits(tmp_path):
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
 
 
+@pytest.mark.slow
 def test_step_gradient_is_the_mean_over_all_tokens_of_the_step(tmp_path):
     """DeepSpeed divides the loss by grad_accum inside backward; the recipe undoes it, so the gradient of a step
     of 3 micro-batches is that of the token mean over all of them (the logged norm is taken before clipping)."""
@@ -124,6 +129,7 @@ def test_step_gradient_is_the_mean_over_all_tokens_of_the_step(tmp_path):
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_zero3_with_offloaded_weights_matches_zero2_and_saves_whole_model(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
@@ -142,6 +148,7 @@ def test_zero3_with_offloaded_weights_matches_zero2_and_saves_whole_model(tmp_pa
     assert max((saved[k] - zero2_saved[k]).abs().max().item() for k in saved) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_resume_continues_exactly_and_ignores_half_written_checkpoints(tmp_path, zero_stage):
     args = ["--max_steps=6", "--save_every=3", "--eval_data_path=", f"--zero_stage={zero_stage}"]
@@ -152,7 +159,8 @@ def test_resume_continues_exactly_and_ignores_half_written_checkpoints(tmp_path,
     # the run "died" after step 3: drop step 6 and leave what a crash while saving step 9 would leave
     shutil.rmtree(checkpoints / "step_00000006")
     (checkpoints / ".step_00000009.tmp" / "global_step9").mkdir(parents=True)
-    shutil.copytree(checkpoints / "step_00000003", checkpoints / "step_00000009", ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.copytree(checkpoints / "step_00000003", checkpoints / "step_00000009",
+                    ignore=shutil.ignore_patterns("trainer_state.pt"))
     resumed = run_main(tmp_path / "b", *args, "--resume")
     assert resumed["steps"] == 3
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
@@ -201,8 +209,10 @@ def test_config_mistakes_are_clear(tmp_path):
         run_main(tmp_path / "c", f"--ds_config={ds_config}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
-@pytest.mark.parametrize("zero_args", [["--zero_stage=2"], ["--zero_stage=3", "--offload_params"]], ids=["zero2", "zero3"])
+@pytest.mark.parametrize("zero_args", [["--zero_stage=2"], ["--zero_stage=3", "--offload_params"]],
+                         ids=["zero2", "zero3"])
 def test_two_processes_under_the_deepspeed_launcher(tmp_path, zero_args):
     """ZeRO averages gradients over ranks; the recipe makes the step's gradient the token mean over both ranks'
     micro-batches. The eval set (5 batches of 8) splits 3/2 over the ranks; under ZeRO-3 a rank that ran out must
@@ -221,5 +231,6 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, zero_args):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     both_ranks = [b for rank in (0, 1) for b in plan_batches(train_lengths(), 8, 42, 0, True, rank, 2)[:2]]
     first_step = next(r for r in rows if "grad_norm" in r)
-    assert first_step["step"] == 1 and first_step["grad_norm"] == pytest.approx(reference_grad_norm(both_ranks), rel=1e-5)
+    expected_norm = reference_grad_norm(both_ranks)
+    assert first_step["step"] == 1 and first_step["grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
     assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(reference_eval_loss(), rel=1e-5)

@@ -42,6 +42,7 @@ def trained(tmp_path_factory, gptq_dir):
     return run_main(tmp_path_factory.mktemp("trained") / "out", "--max_steps=4", "--eval_every=2")
 
 
+@pytest.mark.slow
 def test_run_sh_trains_and_writes_artifacts(tmp_path, gptq_dir):
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=12", "--batch_size=8", "--grad_accum=1",
@@ -64,6 +65,7 @@ def test_run_sh_trains_and_writes_artifacts(tmp_path, gptq_dir):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_int4_weights_stay(trained, gptq_dir):
     from common.gptq import load_gptq_model
 
@@ -80,6 +82,7 @@ def test_only_adapters_train_and_int4_weights_stay(trained, gptq_dir):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # yet the adapter trained
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_and_reproduces_logits(trained, gptq_dir):
     from peft import PeftModel
 
@@ -117,7 +120,7 @@ def test_lora_gradients_stay_exact_after_an_eval_forward(gptq_dir, tokenizer):
         model = add_lora(model, 8, 16, 0.0, targets)
         torch.manual_seed(0)
         with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
+            for _name, p in sorted(model.named_parameters()):
                 if p.requires_grad:
                     p.normal_(std=0.05)  # lora_B nonzero too, so gradients flow through every adapter
             model.eval()(**batch)  # what the recipe's eval before training does
@@ -128,6 +131,7 @@ def test_lora_gradients_stay_exact_after_an_eval_forward(gptq_dir, tokenizer):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, gptq_dir):
     args = ["--max_steps=6", "--save_every=3", "--lora_dropout=0.1", "--eval_data_path="]
     straight = run_main(tmp_path / "a", *args)
@@ -138,6 +142,7 @@ def test_resume_continues_exactly(tmp_path, gptq_dir):
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_quantize_script_help_and_tiny_roundtrip(tmp_path, tiny_dir, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -166,6 +171,7 @@ def test_quantize_script_help_and_tiny_roundtrip(tmp_path, tiny_dir, tiny_model,
     assert abs(int4 - full) < 0.05, (int4, full)  # measured: 7.676 vs 7.681
 
 
+@pytest.mark.slow
 def test_quantize_errors_are_one_clear_line(tmp_path, tiny_dir):
     from common.config import UserError
     from common.gptq import quantize_gptq
@@ -182,6 +188,7 @@ def test_quantize_errors_are_one_clear_line(tmp_path, tiny_dir):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_model_without_gptq_config_is_a_clear_error(tmp_path, tiny_dir):
     proc = run_script(RECIPE / "run.sh", f"--model_path={tiny_dir}", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -192,6 +199,7 @@ def test_model_without_gptq_config_is_a_clear_error(tmp_path, tiny_dir):
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_two_process_data_parallel(tmp_path, gptq_dir):
     """An eval file of one record leaves one rank with nothing to evaluate: it must not hang the other."""

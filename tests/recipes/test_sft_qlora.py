@@ -20,6 +20,7 @@ def run_main(out, *args):
     return sft_qlora.main(sft_qlora.parse_config(sft_qlora.Config, [f"--output_dir={out}", *FAST, *args]))
 
 
+@pytest.mark.slow
 def test_run_sh_trains_and_writes_artifacts(tmp_path):
     out = tmp_path / "out"
     proc = run_script(RECIPE / "run.sh", f"--output_dir={out}", "--max_steps=12", "--batch_size=8", "--grad_accum=1",
@@ -40,6 +41,7 @@ def test_run_sh_trains_and_writes_artifacts(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_and_reproduces_logits(tmp_path):
     from peft import PeftModel
 
@@ -48,7 +50,8 @@ def test_saved_adapter_reloads_and_reproduces_logits(tmp_path):
 
     result = run_main(tmp_path / "out", "--max_steps=3")
     tok = result["tokenizer"]
-    batch = collate_left_padded([{"input_ids": tok(t).input_ids} for t in ("Reverse: a b c", "你好，世界")], tok.pad_token_id)
+    texts = ("Reverse: a b c", "你好，世界")
+    batch = collate_left_padded([{"input_ids": tok(t).input_ids} for t in texts], tok.pad_token_id)
     model = result["model"].eval()
     with torch.no_grad():
         in_memory = model(**batch).logits
@@ -61,6 +64,7 @@ def test_saved_adapter_reloads_and_reproduces_logits(tmp_path):
     assert any(p.abs().sum() > 0 for p in lora_b)  # the adapter was trained, so the comparison means something
 
 
+@pytest.mark.slow
 def test_synthetic_task_beats_untrained_model(tmp_path):
     """Reversing letter strings: held-out loss after a short CPU run must be far below the untrained model's."""
     data = REPO / "data" / "synthetic"
@@ -73,6 +77,7 @@ def test_synthetic_task_beats_untrained_model(tmp_path):
     assert trained < 0.5 * untrained, (untrained, trained)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight = run_main(tmp_path / "a", "--max_steps=6", "--save_every=3", "--lora_dropout=0.1")
     run_main(tmp_path / "b", "--max_steps=6", "--save_every=3", "--lora_dropout=0.1")
@@ -83,6 +88,7 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_data_line_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
@@ -92,6 +98,7 @@ def test_bad_data_line_is_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_option_and_missing_model_are_clear(tmp_path):
     proc = run_script(RECIPE / "run.sh", "--lerning_rate=1")
     assert proc.returncode == 2 and "unknown option --lerning_rate" in proc.stderr and "--lr" in proc.stderr
@@ -99,6 +106,7 @@ def test_unknown_option_and_missing_model_are_clear(tmp_path):
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_two_process_data_parallel(tmp_path):
     """An eval file of one record leaves one rank with nothing to evaluate: it must not hang the other."""
