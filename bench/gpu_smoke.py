@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -253,7 +254,7 @@ def peers_rows(step: Step, row: Row) -> list[Row]:
         rows.append(Row(f"{step.name}: {name}", row.status, row.rc, row.seconds, f"final {m['final_loss']:.4f}",
                         memory_cell(m["mem_gb"], m.get("reserved_gb")), f"{m['tok_s']:,.0f}",
                         f"{ratio}; {m['rounds']} rounds, useful tokens {m['useful']:.3f}"))
-    return rows
+    return rows or [row]
 
 
 def qlora_rows(step: Step, row: Row, output: str) -> list[Row]:
@@ -276,19 +277,18 @@ def pytest_note(output: str) -> str:
 
 
 def step_rows(step: Step, row: Row, output: str) -> list[Row]:
-    """The finished step's rows: the plain row with what its kind adds."""
-    if row.status != "ok" and step.kind not in ("recipe", "pytest", "pretrain_mfu"):
-        return [row]
+    """The finished step's rows: the plain row with what its kind adds. A measurement that failed or ran out of time
+    part way keeps the rows it finished (a qlora setting, the peers' rounds), then its own row with the error."""
+    if step.kind in ("peers", "qlora"):
+        measured = peers_rows(step, row) if step.kind == "peers" else qlora_rows(step, row, output)
+        finished = [r for r in measured if r is not row]
+        return finished + [row] if row.status != "ok" and finished else measured
     if step.kind == "recipe":
         fields = recipe_fields(Path(step.run_dir))
     elif step.kind == "pretrain_mfu":
         fields = pretrain_mfu_fields(Path(step.run_dir), CONFIG_1B)
     elif step.kind == "pytest":
         fields = {"note": pytest_note(output)}
-    elif step.kind == "peers":
-        return peers_rows(step, row)
-    elif step.kind == "qlora":
-        return qlora_rows(step, row, output)
     else:
         fields = {}
     failed_note = row.note
@@ -344,9 +344,18 @@ class Runner:
 
     def execute(self, step: Step, limit: float) -> list[Row]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
+        stale = Path(step.run_dir) if step.run_dir else None  # an earlier smoke's results must not pass for these
+        if stale is not None and stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale is not None:
+            stale.unlink(missing_ok=True)
         began = time.monotonic()
-        proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        try:
+            proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        except OSError as e:
+            self.say(f"== [{step.name}] could not start: {e}")
+            return [Row(step.name, "failed", note=f"could not start: {e}")]
         chunks = []
         reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
         reader.start()
@@ -372,7 +381,11 @@ class Runner:
         tail = "\n".join(output.splitlines()[-TAIL_LINES:])
         self.say(f"== [{step.name}] {row.status} (exit {rc}, {seconds:.0f} s of {limit:.0f}) $ {' '.join(step.cmd)}\n"
                  f"{tail}\n== [{step.name}] end")
-        return step_rows(step, row, output)
+        try:
+            return step_rows(step, row, output)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # its results unreadable: the row says so
+            row.note = f"{row.note}; results unreadable: {type(e).__name__}: {e}".lstrip("; ")
+            return [row]
 
     def run_lane(self, lane: list[Step]):
         for step in lane:

@@ -137,6 +137,12 @@ def test_qlora_rows_from_result_lines():
     assert gpu_smoke.summary_table(rows).splitlines()[2] == (
         "| QLoRA 65B, checkpointing on | ok | 0 | 50 | 10.5000 -> 10.2500 | 41.00 / 44.50 | 1,234 | estimate 40.12 GB "
         "(tools/estimate_memory.py); the promise: 2 x 24 GB, split evenly 20.5 GB a card + context |")
+    # out of memory in the second setting: the first setting's row stays, then the failure's
+    crashed = gpu_smoke.Row("QLoRA 65B", "failed", 1, 70.0, note="torch.OutOfMemoryError: CUDA out of memory")
+    rows = gpu_smoke.step_rows(step, crashed, "RESULT " + json.dumps(result) + "\nOutOfMemoryError\n")
+    assert [(r.step, r.status, r.tok_s) for r in rows] == [("QLoRA 65B, checkpointing on", "failed", "1,234"),
+                                                           ("QLoRA 65B", "failed", "-")]
+    assert rows[1].note == "torch.OutOfMemoryError: CUDA out of memory"
 
 
 def test_random_nf4_qlora_built_layer_by_layer_at_a_two_layer_tiny_shape():
