@@ -5,7 +5,8 @@ for best-of-n sampling.
 
 Default run, no GPU, no download (tiny random-init Llama, bundled preference pairs), about a minute:
     cd cls/reward-qlora && bash run.sh
-One GPU, a real checkpoint:   bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=pairs.jsonl --eval_data_path=eval.jsonl
+One GPU, a real checkpoint:   bash run.sh --model_path=/models/Llama-2-7b-hf --data_path=pairs.jsonl \
+                                  --eval_data_path=eval.jsonl
 N GPUs (DDP): NGPU=N bash run.sh ...      Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash run.sh ...
 Data (.jsonl, .json, .jsonl.zst): {"prompt": "...", "chosen": "...", "rejected": "..."}.
 Each text is the prompt (Alpaca template, or the chat template with --prompt_template=chat) + the response + EOS, and
@@ -26,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -38,12 +39,12 @@ from common.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
+from common.cls_eval import data_report, evaluate_pairs, log_pairwise_eval, score_pairs
 from common.config import config_to_dict, exit_on_user_error, parse_config
-from common.data import build_preference_examples, collate_left_padded, plan_batches, read_records
+from common.data import batch_stream, build_preference_examples, plan_batches, read_records
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import pairwise_loss_sum, step_is_finite
-from common.metrics import pairwise_metrics
+from common.losses import is_finite, non_finite_error, pairwise_loss_sum
 from common.model import (
     PooledClassifier,
     add_lora,
@@ -69,11 +70,11 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "cls"
 @dataclass
 class Config:
     # model
-    model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder (often your SFT model)
+    model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face model folder (your SFT one)
     quantization: Literal["nf4", "int8", "none"] = "nf4"  # base weights: 4-bit NormalFloat, 8-bit, or as stored
-    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward (less memory, slower); None: on with a GPU
-    device_map: Literal["single", "auto"] = "single"  # auto: the layers split over all visible GPUs (a model too big for one)
-    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': what is free
+    gradient_checkpointing: bool | None = None  # recompute activations in backward (less memory, slower); None: GPU
+    device_map: Literal["single", "auto"] = "single"  # auto: layers split over the visible GPUs (too big for one)
+    max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for the rest) or 10GiB,22GiB; '': free
     pooling: Literal["last", "mean"] = "last"  # read the reward at the final EOS, or average the tokens
     lora_r: int = 16  # adapter rank
     lora_alpha: int = 32  # adapter scale is alpha / r
@@ -85,6 +86,7 @@ class Config:
     prompt_template: Literal["alpaca", "chat"] = "alpaca"  # how prompt and response are joined into one text
     max_seq_len: int = 1024  # longer texts keep their start and the final EOS
     group_by_length: bool = True  # batch pairs of similar length together
+    inspect_data: bool = False  # data only: pairs, lengths, truncation, bad records; exit, no weights loaded
     # optimization
     epochs: float = 3.0  # passes over the training pairs (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -108,32 +110,20 @@ class Config:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
-def score_pairs(reward_model, pairs, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and the rejected side of each pair, in one left-padded forward of 2 x len(pairs) rows;
-    device: the embedding's (the first GPU of a layer split); the rewards come back on the score head's."""
-    rows = [{"input_ids": p["chosen_ids"]} for p in pairs] + [{"input_ids": p["rejected_ids"]} for p in pairs]
-    batch = {k: v.to(device) for k, v in collate_left_padded(rows, pad_id).items()}
-    rewards = reward_model(**batch).squeeze(-1).float()
-    return rewards[: len(pairs)], rewards[len(pairs):]
+def resume(model, optimizer, scheduler, out: Path, rt, log) -> int:
+    """--resume: the adapter with the score head, optimizer, schedule and RNG of the latest checkpoint; returns its
+    step (0: none)."""
+    ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
+    if ckpt is None:
+        log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-
-def evaluate(reward_model, pairs, batch_size, pad_id, rt, autocast) -> dict:
-    """Eval loss, pairwise accuracy and mean margin over all pairs (each rank scores its share)."""
-    reward_model.eval()
-    chosen, rejected = torch.zeros(len(pairs), device=rt.device), torch.zeros(len(pairs), device=rt.device)
-    backbone = getattr(reward_model, "module", reward_model).model  # under DDP too
-    input_device = backbone.get_input_embeddings().weight.device  # the first GPU of a layer split
-    batches = plan_batches([len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs], batch_size, 0, 0, True)
-    with torch.no_grad(), autocast():
-        for idx in batches[rt.rank::rt.world_size]:
-            scored = score_pairs(reward_model, [pairs[i] for i in idx], pad_id, input_device)
-            chosen[idx], rejected[idx] = (rewards.to(rt.device) for rewards in scored)
-    if rt.distributed:  # each pair was scored by exactly one rank; the others hold zeros there
-        torch.distributed.all_reduce(chosen)
-        torch.distributed.all_reduce(rejected)
-    reward_model.train()
-    return {"eval_loss": pairwise_loss_sum(chosen, rejected).item() / len(pairs),
-            **pairwise_metrics(chosen.tolist(), rejected.tolist())}
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)
+    log.info(f"resumed from {ckpt} at step {start_step}")
+    return start_step
 
 
 def main(cfg: Config) -> dict:
@@ -144,25 +134,35 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
-    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
-    log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
     precision = training_precision(rt.device, "grad_scaler")  # fp16 + GradScaler below compute capability 8.0
     dtype = precision.dtype
     scaler = torch.amp.GradScaler(rt.device.type, enabled=precision.grad_scaler)  # a no-op in bf16 and fp32
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     # ---- tokenizer and data
     model_dir = resolve_model_path(cfg.model_path)
     tokenizer = load_tokenizer(model_dir)
-    build = lambda path: build_preference_examples(read_records(path), tokenizer, cfg.max_seq_len,  # noqa: E731
-                                                   cfg.prompt_template)
+
+    def build(path):
+        return build_preference_examples(read_records(path), tokenizer, cfg.max_seq_len, cfg.prompt_template)
+
     train_pairs, train_stats = build(cfg.data_path)
     eval_pairs, eval_stats = build(cfg.eval_data_path) if cfg.eval_data_path else ([], None)
+    files = {"train": (cfg.data_path, train_pairs, train_stats), "eval": (cfg.eval_data_path, eval_pairs, eval_stats)}
+    if cfg.inspect_data:  # a data-only run: nothing written, no model weights read
+        if rt.is_main:
+            print("\n".join(data_report(files, tokenizer, "pairwise", None)), flush=True)
+        cleanup(rt)
+        return {"inspect_data": True, "train_stats": train_stats, "eval_stats": eval_stats}
     lengths = [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train_pairs]
-    plan = lambda epoch: plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length,  # noqa: E731
-                                      rt.rank, rt.world_size)
+
+    def plan(epoch):  # this rank's batches of one epoch
+        return plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, rt.rank, rt.world_size)
+
     batches_per_epoch = len(plan(0))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
+    prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
+    log = StepLogger(out, total_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
 
     # ---- model: quantized base, LoRA adapters, a one-output score head
     from transformers import AutoModelForSequenceClassification
@@ -185,60 +185,42 @@ def main(cfg: Config) -> dict:
             reward_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     # ---- optimizer and schedule
+    trained_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_ratio * total_steps)))
-    start_step = 0
-    if cfg.resume and (ckpt := resume_checkpoint(out)) is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    start_step = resume(model, optimizer, scheduler, out, rt, log) if cfg.resume else 0
 
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
-        start_step = load_trainer_state(ckpt, optimizer, scheduler)
-        log.info(f"resumed from {ckpt} at step {start_step}")
-
-    log.total_steps = total_steps
-    log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + LoRA r={cfg.lora_r} + 1-output score "
-             f"head | reward at the {cfg.pooling} token | trainable {trainable:,} / {total:,} params | "
+    log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + LoRA r={cfg.lora_r} + 1-output "
+             f"score head | reward at the {cfg.pooling} token | trainable {trainable:,} / {total:,} params | "
              f"{precision.reason}")
-    log.info(f"data     train {cfg.data_path}: {train_stats.summary().replace('examples', 'pairs', 1)}")
-    if eval_stats:
-        log.info(f"         eval  {cfg.eval_data_path}: {eval_stats.summary().replace('examples', 'pairs', 1)}")
+    for line in data_report(files, tokenizer, "pairwise", None):
+        log.info(line)
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
-             f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | device {rt.describe()}")
+             f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | "
+             f"device {rt.describe()}")
     if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
         split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
         log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
-    def log_eval(step, metrics):
-        log.log(step, {"eval_loss": metrics["eval_loss"], "eval_pairwise_accuracy": metrics["pairwise_accuracy"],
-                       "eval_mean_margin": metrics["mean_margin"]}, echo=False)
-        log.info(f"step {step}/{total_steps} | eval_loss {metrics['eval_loss']:.4f} | pairwise accuracy "
-                 f"{metrics['pairwise_accuracy']:.4f} | mean margin {metrics['mean_margin']:.3f}")
-
     # ---- training loop
-    def micro_batches():  # the endless stream of this rank's batches, epoch after epoch
-        epoch = 0
-        while True:
-            yield from plan(epoch)
-            epoch += 1
-
-    stream = micro_batches()
-    for _ in range(start_step * cfg.grad_accum):  # resume: skip what was already trained on
-        next(stream)
+    stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: what was trained on is skipped
     if eval_pairs and start_step == 0:
-        log_eval(0, evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+        metrics = evaluate_pairs(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        log_pairwise_eval(log, 0, total_steps, metrics)
     reward_model.train()
     train_seconds, tokens_seen, losses = 0.0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk = [[train_pairs[i] for i in next(stream)] for _ in range(cfg.grad_accum)]
-        n_pairs, n_tokens = all_reduce_sum([sum(len(c) for c in chunk),
-                                            sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for c in chunk for p in c)], rt)
+        n_pairs = sum(len(c) for c in chunk)
+        n_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for c in chunk for p in c)
+        n_pairs, n_tokens = all_reduce_sum([n_pairs, n_tokens], rt)
         loss_sum, correct = 0.0, 0
         for i, pairs in enumerate(chunk):
             sync = i == len(chunk) - 1 or not rt.distributed
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 chosen, rejected = score_pairs(train_model, pairs, tokenizer.pad_token_id, input_device)
                 micro_loss = pairwise_loss_sum(chosen, rejected)
             # mean over the pairs of the whole step on all ranks (DDP averages gradients, hence * world_size)
@@ -246,15 +228,19 @@ def main(cfg: Config) -> dict:
             # on the device: no wait per micro-batch, read once per step
             loss_sum, correct = loss_sum + micro_loss.detach().double(), correct + (chosen > rejected).sum()
         scaler.unscale_(optimizer)  # clip and report the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        loss_sum, correct = all_reduce_sum([float(loss_sum), int(correct)], rt)
-        loss = loss_sum / n_pairs
-        # stop raises before any update; with the fp16 scaler an overflow alone is the scaler's to skip
-        if not step_is_finite(step, loss, grad_norm, cfg.on_nan, out, scaler.is_enabled()):
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained_params, cfg.max_grad_norm)
+        loss_sum, correct = float(loss_sum), int(correct)
+        loss_sum, correct = all_reduce_sum([loss_sum, correct], rt)
+        step_loss = loss_sum / n_pairs
+        # before any update; with the fp16 scaler an overflow alone is the scaler's to skip
+        if not is_finite(step_loss, grad_norm, loss_scaled=scaler.is_enabled()):
+            if cfg.on_nan == "stop":
+                raise non_finite_error(step, step_loss, grad_norm, out)
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
             scheduler.step()
-            log.info(f"step {step}/{log.total_steps}: loss {loss}, gradient norm {float(grad_norm)}: skipped (--on_nan=skip)")
+            log.info(f"step {step}/{total_steps}: loss {step_loss}, gradient norm {float(grad_norm)}: skipped "
+                     "(--on_nan=skip)")
             continue
         scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed, and update() lowers the scale
         scaler.update()
@@ -263,14 +249,15 @@ def main(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
-        losses.append(loss)
+        losses.append(step_loss)
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
-            log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            log.log(step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, **memory_gb(devices),
                            "pairwise_accuracy": correct / n_pairs})
         if eval_pairs and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log_eval(step, evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast))
+            metrics = evaluate_pairs(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+            log_pairwise_eval(log, step, total_steps, metrics)
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -297,11 +284,11 @@ def main(cfg: Config) -> dict:
         atomic_write_dir(final_dir, write_final)
     results = None
     if eval_pairs:
-        results = evaluate(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
-        log_eval(total_steps, results)
+        results = evaluate_pairs(reward_model, eval_pairs, cfg.batch_size, tokenizer.pad_token_id, rt, autocast)
+        log_pairwise_eval(log, total_steps, total_steps, results)
         if rt.is_main:
-            (out / "eval_results.json").write_text(json.dumps({"step": total_steps, **results,
-                                                               "baseline_pairwise_accuracy": 0.5}, indent=2) + "\n")
+            report = {"step": total_steps, **results, "baseline_pairwise_accuracy": 0.5}
+            (out / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
              f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
     log.info(f"reward model (adapter + score head), tokenizer and reward_model.json in {final_dir}")
