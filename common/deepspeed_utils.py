@@ -11,15 +11,45 @@ Checkpoint layout (the same names as common/checkpoint.py, so `latest_checkpoint
 Every rank writes into checkpoints/.step_00000040.tmp; rank 0 renames it into place once all ranks are done. The
 folder must therefore be on a file system all ranks share (DeepSpeed assumes the same).
 """
+import contextlib
 import copy
+import io
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from common.checkpoint import load_sharded_trainer_state, save_sharded_checkpoint
 from common.config import UserError
+
+
+def name_the_cpu_accelerator():
+    """Without a GPU, tell DeepSpeed it runs on the CPU (DS_ACCELERATOR=cpu, unless set) before it is imported: found by
+    its own detection instead, it warns "Setting accelerator to CPU" on every start. The start-up block names the
+    device. Runs when this module is imported, which the DeepSpeed recipes do before they import deepspeed."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+name_the_cpu_accelerator()
+
+
+def init_distributed():
+    """deepspeed.init_distributed() without the line it prints when its CPU shared-memory all-reduce loads
+    ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", a bare print); anything else it prints
+    is shown as it was. Every rank calls it."""
+    import deepspeed
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed()
+    for line in printed.getvalue().splitlines():
+        if not re.fullmatch(r"DeepSpeed \S+ built successfully", line):
+            print(line, flush=True)
 
 
 def quiet_deepspeed_warnings():

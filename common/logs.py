@@ -33,6 +33,9 @@ def quiet_third_party_logs():
     # to load on CPU and torch warns about its enum registrations: noise on every start, nothing to act on
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # bitsandbytes on a CPU with AVX512-BF16 looks for an optional 4-bit kernel package fetched from a model hub; the
+    # CPU runs here are the tiny checks, which never fetch anything
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def peak_memory_gb(device: torch.device | list[torch.device]) -> float:

@@ -25,6 +25,7 @@ from common.config import UserError, config_to_dict, exit_on_user_error, parse_c
 from common.deepspeed_utils import (
     fill_ds_config,
     gather_full_state_dict,
+    init_distributed,
     load_deepspeed_checkpoint,
     quiet_deepspeed_warnings,
     read_ds_config,
@@ -141,7 +142,7 @@ def main(cfg: Config) -> dict:
     quiet_deepspeed_warnings()
     set_single_process_env()
     rt = setup_runtime(cfg.seed)
-    deepspeed.init_distributed()
+    init_distributed()
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))

@@ -34,6 +34,7 @@ from common.data import (
 from common.deepspeed_utils import (
     fill_ds_config,
     gather_full_state_dict,
+    init_distributed,
     load_deepspeed_checkpoint,
     quiet_deepspeed_warnings,
     read_ds_config,
@@ -243,7 +244,7 @@ def main(cfg: Config) -> dict:
         return {"inspect_data": True, "train_stats": train_stats, "eval_stats": eval_stats}
     import deepspeed
 
-    deepspeed.init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
+    init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
     lengths = [len(e["input_ids"]) for e in train_examples]
 
     def plan(epoch):  # this rank's batches of one epoch
