@@ -30,6 +30,7 @@ from common.data import build_cls_examples, collate_left_padded, label_set, plan
 from common.deepspeed_utils import (
     fill_ds_config,
     gather_full_state_dict,
+    init_distributed,
     load_deepspeed_checkpoint,
     quiet_deepspeed_warnings,
     read_ds_config,
@@ -147,7 +148,7 @@ def main(cfg: Config) -> dict:
     quiet_deepspeed_warnings()
     set_single_process_env()
     rt = setup_runtime(cfg.seed)
-    deepspeed.init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
+    init_distributed()  # gloo on CPU, nccl on GPUs; joins the group setup_runtime made, if any
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, 0, [r for r in cfg.report_to if r != "none"], enabled=rt.is_main, config=config_to_dict(cfg))
