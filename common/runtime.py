@@ -28,7 +28,8 @@ class Runtime:
         return self.world_size > 1
 
     def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        cpu_name = f"CPU, {torch.get_num_threads()} threads"
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name
         # the deepspeed launcher sets CROSS_RANK; torchrun does not
         launcher = "deepspeed launcher" if "CROSS_RANK" in os.environ else "torchrun"
         launcher = f"{launcher}, {self.world_size} processes" if self.distributed else "single process"

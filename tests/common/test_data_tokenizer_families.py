@@ -36,7 +36,8 @@ SDIST_SPEC = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 VOCABS = ("llama-spm", "llama-bpe", "qwen2")
 
-LLAMA2_CHAT_TEMPLATE = (  # Llama-2-chat's (tokenizer_config.json of meta-llama/Llama-2-7b-chat-hf): BOS before every [INST]
+# Llama-2-chat's (tokenizer_config.json of meta-llama/Llama-2-7b-chat-hf): BOS before every [INST]
+LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
     "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
@@ -183,7 +184,8 @@ def test_converted_vocabulary_reproduces_llama_cpp_reference_tokenizations(vocab
 @pytest.mark.parametrize("family", FAMILIES)
 def test_special_tokens_and_pad_of_each_family(tokenizers, family):
     tokenizer, facts = tokenizers[family], FAMILIES[family]
-    special = {"eos": (tokenizer.eos_token, tokenizer.eos_token_id), "pad": (tokenizer.pad_token, tokenizer.pad_token_id)}
+    special = {"eos": (tokenizer.eos_token, tokenizer.eos_token_id),
+               "pad": (tokenizer.pad_token, tokenizer.pad_token_id)}
     assert special == {"eos": facts["eos"], "pad": facts["pad"]}
     eot_ids = end_of_turn_ids(tokenizer)
     assert [tokenizer.convert_ids_to_tokens(i) for i in eot_ids] == [facts["eot"][0]] and eot_ids == [facts["eot"][1]]
@@ -294,7 +296,8 @@ def test_generation_with_end_of_turn_other_than_eos_stops_there(tiny_model, toke
     """The tiny model, made to answer A A A <end-of-turn> B B ... (prefix_allowed_tokens_fn): with
     make_generation_config it stops after the end-of-turn token; with the base's EOS alone it runs on."""
     tok = copy.deepcopy(tokenizer)  # <|user|> ends each turn, as Llama 3's <|eot_id|> (a special token, not EOS)
-    tok.chat_template = "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|user|>' }}{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|user|>' }}"
+                         "{% endfor %}")
     eot = tok.convert_tokens_to_ids("<|user|>")
     a, b = (tok(text, add_special_tokens=False).input_ids[-1] for text in ("A", "B"))
     prompt = torch.tensor([tok("Hello").input_ids])

@@ -3,12 +3,15 @@ fields: on GPUs the allocated peak, the reserved peak and the card's used memory
 bitsandbytes' paged optimizer pages), each named in metrics.jsonl and in the step line; on CPU the RSS peak. torch.cuda
 is monkeypatched (no GPU here)."""
 import json
+import re
+import subprocess
 
 import pytest
 import torch
 
 from common.config import UserError
 from common.logs import StepLogger, format_step, memory_gb
+from tests.conftest import REPO
 
 GB = 10 ** 9
 
@@ -99,3 +102,13 @@ def test_an_unknown_reporter_is_a_user_error(tmp_path):
     with pytest.raises(UserError) as e:
         StepLogger(tmp_path, 2, report_to=["tensorboard", "comet"])
     assert str(e.value) == "--report_to: unknown ['comet']; expected some of tensorboard, wandb, mlflow, none"
+
+
+@pytest.mark.slow  # a fresh interpreter importing the whole stack: about 10 s
+def test_setup_check_imports_the_stack_without_third_party_notices():
+    """`bash setup.sh --check`, setup.sh's last step alone: its screen is the one "ready" line, none of the notices the
+    libraries print at import (torchao's kernels failing to load on CPU, torch's pytree deprecations, bitsandbytes)."""
+    proc = subprocess.run(["bash", str(REPO / "setup.sh"), "--check"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert re.fullmatch(r"ready: torch \S+, transformers \S+, peft \S+, bitsandbytes \S+\n", proc.stdout), proc.stdout

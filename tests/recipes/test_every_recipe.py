@@ -1,8 +1,10 @@
 """What every recipe folder promises: run.sh, train.py and README.md (and ds_config.json where DeepSpeed runs), a
 run.sh bash can parse, a Config whose defaults parse and whose every field is documented, no imports between
-recipes, and `bash run.sh --data_path=X --eval_data_path=Y --output_dir=Z` on files in the documented formats."""
+recipes, a saved config.json that is a --config, and `bash run.sh --data_path=X --eval_data_path=Y --output_dir=Z`
+on files in the documented formats, with no third-party noise before the start-up block."""
 import dataclasses
 import json
+import os
 import re
 import subprocess
 
@@ -112,17 +114,29 @@ def user_files(recipe, tmp_path):
     return x, y
 
 
+# what the libraries print on their own at start-up, which the recipes quiet (common/logs.py:quiet_third_party_logs,
+# common/deepspeed_utils.py): torchao's GPU kernels failing to load on CPU, torch's pytree notices, DeepSpeed's
+# accelerator detection and its shared-memory op, bitsandbytes' optional CPU kernel package
+THIRD_PARTY_NOISE = ("Failed to load", "_pytree", "Setting accelerator to CPU", "built successfully",
+                     "kernels-community")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=IDS)
 def test_run_sh_trains_on_user_files(recipe, tmp_path):
-    """From the user's own folder, with paths relative to it."""
+    """From the user's own folder, with paths relative to it; the screen starts with the recipe's start-up block."""
     x, y = user_files(recipe, tmp_path)
     z = tmp_path / "run out"
-    proc = run_script(recipe / "run.sh", f"--data_path={x.name}", f"--eval_data_path={y.name}",
-                      f"--output_dir={z.name}",
-                      "--max_steps=2", "--batch_size=4", "--grad_accum=1", "--log_every=1", "--report_to=none",
-                      *(["--eval_every=1"] if recipe.parent.name == "pretrain" else []),
-                      cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = [f"--data_path={x.name}", f"--eval_data_path={y.name}", f"--output_dir={z.name}", "--max_steps=2",
+            "--batch_size=4", "--grad_accum=1", "--log_every=1", "--report_to=none",
+            *(["--eval_every=1"] if recipe.parent.name == "pretrain" else [])]
+    # stdout and stderr as one stream, in the order a terminal shows them
+    proc = subprocess.run(["bash", str(recipe / "run.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    screen = proc.stdout.splitlines()
+    assert re.fullmatch(r"[a-z]+ +", screen[0][:9]), screen[:5]  # the block's first line, e.g. "model    tiny ..."
+    assert not [line for line in screen if any(noise in line for noise in THIRD_PARTY_NOISE)], proc.stdout[:3000]
     rows = read_jsonl(z / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert any("eval_loss" in r for r in rows)
