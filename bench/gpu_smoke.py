@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = 530  # the steps' share of the smoke's 560 s (gpu_smoke.sh gives the wheel install the other 30)
+BUDGET_S = 515  # the steps' share of the smoke's 560 s (gpu_smoke.sh: 30 for the wheel install, 15 for versions)
 PEAK_NOMINAL = 989e12  # H100 SXM bf16 dense, datasheet
 PEAK_MEASURED = 798e12  # an 8192^3 bf16 matmul on this project's H100 (docs of the GPU machine)
 PARTS = ("a", "a2", "b", "c", "d")
@@ -104,14 +104,14 @@ def build_plan(work: Path, python: str = "python") -> list[list[list[Step]]]:
              env={"LLAMA_RECIPES_TEST_DEVICE": "cuda"}),
     ]
     peers_json = work / "peers_sft_1b.json"
-    peers = Step("peers 1B: sft/qlora vs Trainer + peft", "b", 150,
+    peers = Step("peers 1B: sft/qlora vs Trainer + peft", "b", 145,
                  [python, "bench/peers.py", "--family=sft", f"--model_path={model_1b}", f"--data_path={data_2048}",
                   f"--seq_len={SEQ}", "--batch_size=4", "--steps=6", "--rounds=2", "--contenders=ours,hf",
                   "--gradient_checkpointing=true", f"--json={peers_json}"],
                  "peers", ("bitsandbytes",), ("make 1B (random, bf16, on the GPU)", "long SFT data (2,048 tokens)"),
                  run_dir=str(peers_json))
     fsdp_dir = work / "runs" / "pretrain_fsdp_1b"
-    fsdp = Step("pretrain/fsdp 1B full training", "b", 60,
+    fsdp = Step("pretrain/fsdp 1B full training", "b", 55,
                 ["bash", "pretrain/fsdp/run.sh", f"--init_from={model_1b}", "--tokenizer_path=", f"--seq_len={SEQ}",
                  "--batch_size=4", "--grad_accum=1", "--max_steps=12", "--log_every=1",
                  "--gradient_checkpointing=false", f"--output_dir={fsdp_dir}", "--report_to=none", "--overwrite"],
@@ -119,7 +119,7 @@ def build_plan(work: Path, python: str = "python") -> list[list[list[Step]]]:
     qlora_8b = Step("QLoRA 8B (NF4 layer by layer), seq 2048, batch 1", "c", 75,
                     [python, "bench/gpu_models.py", "qlora", "--shape=llama3-8b", f"--seq_len={SEQ}", "--steps=4",
                      "--checkpointing=true,false"], "qlora", ("bitsandbytes",))
-    qlora_65b = Step("QLoRA 65B peak memory, seq 2048, batch 1", "d", 60,
+    qlora_65b = Step("QLoRA 65B peak memory, seq 2048, batch 1", "d", 55,
                      [python, "bench/gpu_models.py", "qlora", "--shape=65b", f"--seq_len={SEQ}", "--steps=2",
                       "--checkpointing=true"], "qlora", ("bitsandbytes",))
     return [[lanes[1], lanes[2], lanes[3], lanes[4]], [[peers]], [[fsdp]], [[qlora_8b]], [[qlora_65b]]]
@@ -305,7 +305,8 @@ def summary_table(rows: list[Row]) -> str:
     for r in rows:
         rc = "-" if r.rc is None else str(r.rc)
         seconds = "-" if r.seconds is None else f"{r.seconds:.0f}"
-        lines.append(f"| {r.step} | {r.status} | {rc} | {seconds} | {r.loss} | {r.memory} | {r.tok_s} | {r.note} |")
+        cells = (r.step, r.status, rc, seconds, r.loss, r.memory, r.tok_s, r.note.replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -373,7 +374,8 @@ class Runner:
         seconds = time.monotonic() - began
         output = b"".join(chunks).decode(errors="replace")
         if rc == 124:
-            row = Row(step.name, "timeout", rc, seconds, note=f"killed after {limit:.0f} s: {last_error_line(output)}")
+            last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")[:200]
+            row = Row(step.name, "timeout", rc, seconds, note=f"killed after {limit:.0f} s; its last line: {last}")
         elif rc != 0:
             row = Row(step.name, "failed", rc, seconds, note=last_error_line(output))
         else:
@@ -405,6 +407,22 @@ class Runner:
         return [row for name in order for row in self.rows[name]]
 
 
+def print_versions():
+    """torch, CUDA, the GPU and the packages the recipes need, as installed (for the log)."""
+    import importlib.metadata
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__} | cuda {torch.version.cuda} | {gpu}")
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "gptqmodel", "optimum",
+                 "liger-kernel", "flash-attn"):
+        try:
+            print(f"  {name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            print(f"  {name}: not installed")
+
+
 def parse_parts(text: str) -> set[str]:
     parts = {p.strip() for p in text.split(",") if p.strip()}
     unknown = sorted(parts - set(PARTS))
@@ -422,7 +440,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.environ.get("SMOKE_WORK", "/tmp/gpu_smoke_work"),
                    help="the runs' folders, models and data (not brought back)")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--versions", action="store_true", help="print torch, the GPU and the packages' versions; exit")
     args = p.parse_args(argv)
+    if args.versions:
+        print_versions()
+        return 0
     plan = select(build_plan(Path(args.work).resolve(), args.python), args.only)
     print(describe_plan(plan), flush=True)
     if args.dry_run:

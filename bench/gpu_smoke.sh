@@ -47,43 +47,36 @@ for arg in "$@"; do
 done
 
 mkdir -p "$OUT" "$SMOKE_WORK"
-LOG="$OUT/smoke.log"
-: > "$LOG"
-exec > >(tee -a "$LOG") 2>&1
 
-# the recipes' run.sh call `python`: where only python3 exists (the GPU machine), a `python` that is it
-if ! command -v python >/dev/null 2>&1; then
-  mkdir -p "$SMOKE_WORK/bin"
-  ln -sf "$(command -v python3)" "$SMOKE_WORK/bin/python"
-  export PATH="$SMOKE_WORK/bin:$PATH"
-fi
-
-echo "# gpu_smoke $(date -u +%FT%TZ) in $REPO, OUT=$OUT"
-git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: none"
-
-# the packages the GPU machine lacks, from the .whl folder carried along (bench/pack_gpu_wheels.sh builds it): the
-# install script that exists (it installs into python3 and always exits 0), at most 30 s
-WHEELS=""
-for candidate in "$REPO/.whl/install.sh" "$REPO/bench/install_gpu_wheels.sh"; do
-  if [[ -z "$WHEELS" && -f "$candidate" ]]; then
-    WHEELS=$candidate
+smoke() {
+  # the recipes' run.sh call `python`: where only python3 exists (the GPU machine), a `python` that is it
+  if ! command -v python >/dev/null 2>&1; then
+    mkdir -p "$SMOKE_WORK/bin"
+    ln -sf "$(command -v python3)" "$SMOKE_WORK/bin/python"
+    export PATH="$SMOKE_WORK/bin:$PATH"
   fi
-done
-if [[ -z "$WHEELS" ]]; then
-  echo "wheels: none carried"
-else
-  echo "wheels: bash $WHEELS"
-  PYTHON=python3 timeout 30 bash "$WHEELS" "$REPO/.whl" < /dev/null || echo "wheels: $WHEELS exited $?"
-fi
-python -c "
-import importlib.metadata as md, torch
-print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')
-for name in ('transformers', 'peft', 'accelerate', 'bitsandbytes', 'deepspeed', 'gptqmodel', 'optimum', 'liger-kernel'):
-    try:
-        print(f'  {name} {md.version(name)}')
-    except md.PackageNotFoundError:
-        print(f'  {name}: not installed')
-" 2>&1 || true
 
-python "$REPO/bench/gpu_smoke.py" --out="$OUT" --work="$SMOKE_WORK" --python="$(command -v python)" "$@"
+  echo "# gpu_smoke $(date -u +%FT%TZ) in $REPO, OUT=$OUT"
+  git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: none"
+
+  # the packages the GPU machine lacks, from the .whl folder carried along (bench/pack_gpu_wheels.sh builds it): the
+  # install script that exists (it installs into python3 and always exits 0), at most 30 s
+  WHEELS=""
+  for candidate in "$REPO/.whl/install.sh" "$REPO/bench/install_gpu_wheels.sh"; do
+    if [[ -z "$WHEELS" && -f "$candidate" ]]; then
+      WHEELS=$candidate
+    fi
+  done
+  if [[ -z "$WHEELS" ]]; then
+    echo "wheels: none carried"
+  else
+    echo "wheels: bash $WHEELS"
+    PYTHON=python3 timeout 30 bash "$WHEELS" "$REPO/.whl" < /dev/null || echo "wheels: $WHEELS exited $?"
+  fi
+  timeout 15 python "$REPO/bench/gpu_smoke.py" --versions || echo "versions: exit $?"
+
+  python "$REPO/bench/gpu_smoke.py" --out="$OUT" --work="$SMOKE_WORK" --python="$(command -v python)" "$@"
+}
+
+smoke "$@" 2>&1 | tee "$OUT/smoke.log"

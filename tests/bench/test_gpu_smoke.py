@@ -23,7 +23,7 @@ WHEEL_INSTALL_S = 30  # gpu_smoke.sh's timeout on the wheel install
 def test_dry_run_lists_every_recipe_and_part_within_560_s_and_runs_nothing(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SMOKE_WORK": str(tmp_path / "work")}
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_smoke.sh"), "--dry-run"], capture_output=True,
-                          text=True, timeout=60, env=env, cwd=tmp_path)
+                          text=True, timeout=60, env={**env, "PYTHON": sys.executable}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = re.findall(r"^  \[lane \d\] (.+) \| part (\w+) \| limit (\d+) s", proc.stdout, re.M)
     commands = re.findall(r"^      \$ (.+)$", proc.stdout, re.M)
@@ -73,7 +73,7 @@ def test_runner_rows_for_failing_hanging_blocked_and_uncarried_steps():
     assert list(rows) == ["boom", "hang", "after hang", "absent", "fine"]
     assert (rows["boom"].status, rows["boom"].rc, rows["boom"].note) == ("failed", 1, "ValueError: boom")
     assert (rows["hang"].status, rows["hang"].rc) == ("timeout", 124) and rows["hang"].seconds < 10
-    assert rows["hang"].note == "killed after 1 s: waiting"
+    assert rows["hang"].note == "killed after 1 s; its last line: waiting"
     assert (rows["after hang"].status, rows["after hang"].note) == ("skipped", "needs hang")
     assert (rows["absent"].status, rows["absent"].rc) == ("not carried", None)
     assert rows["absent"].note == "no_such_package_xyz not installed"
@@ -164,3 +164,22 @@ def test_random_nf4_qlora_built_layer_by_layer_at_a_two_layer_tiny_shape():
         assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"]) and r["tok_s"] > 0
         assert r["loss_first"] == pytest.approx(math.log(2048), rel=0.05)  # random weights: about uniform
         assert 0.8 < r["estimate_gb"] < 1.0  # CUDA context + a few MB of a 2-layer tiny model
+
+
+def test_random_model_folder_and_long_sft_records(tmp_path):
+    """make-1b's folder (here at the tiny shape, on CPU) loads as a checkpoint with the tiny tokenizer; long-sft's
+    records reach the sequence length asked for."""
+    from transformers import AutoModelForCausalLM
+
+    from common.data import build_sft_examples, read_records
+    from common.model import load_tokenizer, resolve_model_path
+
+    n = gpu_models.make_random_model("tiny", tmp_path / "model", "cpu")
+    folder = resolve_model_path(str(tmp_path / "model"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert sum(p.numel() for p in model.parameters()) == n and not (tmp_path / "model.tmp").exists()
+    tokenizer = load_tokenizer(folder)
+    assert gpu_models.make_long_sft(tmp_path / "long.jsonl", 256, 6) == 6
+    examples, _ = build_sft_examples(read_records(tmp_path / "long.jsonl"), tokenizer, 4096)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(lengths) == 6 and min(lengths) >= 256 // 4 and max(lengths) > 256 // 2
