@@ -9,6 +9,8 @@
 #     bash bench/install_gpu_wheels.sh
 # which pip-installs each wheel with --no-deps --no-index, one line per package ("installed: ..." / "FAILED: ...",
 # then the "not carried" lines), and always exits 0 so a smoke script goes on when one package fails.
+# NOT RUN ON A GPU YET: checked on the CPU machine only (tests/bench/test_pack_gpu_wheels.py: the wheels install with
+# pip --target and import there, bitsandbytes on its CPU library; pip --dry-run accepts every wheel for Python 3.12).
 #
 # What goes in .whl/ (versions: the venv's, so the GPU runs what the tests here run):
 #   bitsandbytes  the venv's version, repacked: the full wheel holds a library per CUDA / ROCm / XPU version (~43 MB);
@@ -265,8 +267,9 @@ total_bytes=$(du -cb "$OUT_DIR"/* | tail -n 1 | cut -f 1)
 tree_bytes=$(cd "$REPO" && git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f 1)
 total_mib=$(awk -v b="$total_bytes" 'BEGIN {printf "%.1f", b / 1048576}')
 tree_mib=$(awk -v b="$tree_bytes" 'BEGIN {printf "%.1f", b / 1048576}')
+both_mib=$(awk -v b="$((tree_bytes + total_bytes))" 'BEGIN {printf "%.1f", b / 1048576}')
 echo "$(basename "$OUT_DIR"): $total_mib MiB of a $BUDGET_MIB MiB budget (LTR_WHEELS_BUDGET_MIB);" \
-    "tracked files: $tree_mib MiB; a device call carries at most 64 MiB"
+    "tracked files: $tree_mib MiB; together $both_mib of the 64 MiB a device call carries"
 if ((total_bytes > BUDGET_MIB * 1048576)); then
     echo "pack_gpu_wheels: $OUT_DIR is $total_mib MiB, over the $BUDGET_MIB MiB budget" >&2
     exit 1
