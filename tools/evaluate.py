@@ -27,12 +27,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
+from common.cls_eval import (  # noqa: E402
+    ClsLoss,
+    cls_loss_sum,
+    prediction_rows,
+    score_examples,
+    target_tensor,
+    task_metrics,
+    write_jsonl,
+)
 from common.config import UserError, exit_on_user_error, parse_bool  # noqa: E402
-from common.data import (Record, build_cls_examples, build_sft_examples, collate_left_padded,  # noqa: E402
-                         plan_batches, read_records)
-from common.inference import (encode_prompt, generate_texts, generation_prompt, head_info,  # noqa: E402
-                              inference_device, load_for_inference, load_inference_tokenizer, make_generation_config,
-                              parse_dtype, reference_answer, resolve_model_and_adapter)
+from common.data import Record, build_cls_examples, build_sft_examples, collate_left_padded, plan_batches, read_records  # noqa: E402
+from common.inference import (  # noqa: E402
+    encode_prompt,
+    generate_texts,
+    generation_prompt,
+    head_info,
+    inference_device,
+    load_for_inference,
+    load_inference_tokenizer,
+    make_generation_config,
+    parse_dtype,
+    reference_answer,
+    resolve_model_and_adapter,
+)
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 TASKS = ("auto", "sft", "classification", "regression")
@@ -91,12 +109,8 @@ def json_ready(value):
     return value
 
 
-def write_lines(path, rows):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def evaluate_sft(args, model, tokenizer, records) -> dict:
@@ -130,53 +144,36 @@ def evaluate_sft(args, model, tokenizer, records) -> dict:
         results.update({"exact_match": sum(matches) / max(scored, 1), "exact_match_count": sum(matches),
                         "answered": scored, "max_new_tokens": args.max_new_tokens})
         if args.predictions:
-            write_lines(args.predictions, ({"prompt": p, "output": o, "reference": r, "exact_match": m}
+            write_jsonl(args.predictions, ({"prompt": p, "output": o, "reference": r, "exact_match": m}
                                            for (p, _), o, r, m in zip(prompts, outputs, references, matches)))
     return results
 
 
 def evaluate_classifier(args, model, tokenizer, records, head: dict, task: str) -> dict:
     """The cls recipes' metrics on the classifier's (or regressor's) pooled scores."""
-    import torch
-
-    from common.losses import classification_loss_sum, regression_loss_sum
-    from common.metrics import classification_metrics, regression_metrics
     from common.model import PooledClassifier
 
     label_names = head["labels"]
     if task == "classification":  # labels.json holds the class names as text; integer labels in the data match them
-        integer = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
         records = [Record({**r.data, args.label_field: str(r.data[args.label_field])}, r.where)
-                   if integer(r.data.get(args.label_field)) else r for r in records]
+                   if is_integer(r.data.get(args.label_field)) else r for r in records]
     text_field = args.text_field or head.get("text_field", "text")
     examples, stats = build_cls_examples(records, tokenizer, args.max_seq_len, task,
                                          label_names if task == "classification" else None, text_field,
                                          args.label_field, head.get("append_eos", True))
     classifier = PooledClassifier(model, head.get("pooling", "last")).eval()
     device = next(model.parameters()).device
-    scores = torch.zeros(len(examples), len(label_names))
-    batches = plan_batches([len(e["input_ids"]) for e in examples], args.batch_size, 0, 0, True)
-    with torch.no_grad():
-        for rows in batches:
-            batch = collate_left_padded([{"input_ids": examples[i]["input_ids"]} for i in rows], tokenizer.pad_token_id)
-            scores[rows] = classifier(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+    scores = score_examples(classifier, examples, len(label_names), args.batch_size, tokenizer.pad_token_id, device)
     targets = [e["label"] for e in examples]
-    if task == "regression":
-        loss = regression_loss_sum(scores[:, 0], torch.tensor(targets)).item() / len(targets)
-        results = {"examples": len(examples), "loss": loss, **regression_metrics(targets, scores[:, 0].tolist())}
-        rows = ({text_field: e["text"], "label": e["label"], "prediction": s[0].item()}
-                for e, s in zip(examples, scores))
-    else:
-        loss = classification_loss_sum(scores, torch.tensor(targets)).item() / len(targets)
-        predicted = scores.argmax(-1).tolist()
-        results = {"examples": len(examples), "loss": loss, "labels": label_names,
-                   **classification_metrics(targets, predicted, label_names)}
-        rows = ({text_field: e["text"], "label": label_names[e["label"]], "prediction": label_names[p],
-                 "probabilities": dict(zip(label_names, torch.softmax(s, -1).tolist()))}
-                for e, p, s in zip(examples, predicted, scores))
+    loss = ClsLoss(task, "mse" if task == "regression" else "ce")  # the plain loss, whatever the training used
+    mean_loss = cls_loss_sum(scores, target_tensor(examples, task), loss).item() / len(targets)
+    results = {"examples": len(examples), "loss": mean_loss}
+    if task == "classification":
+        results["labels"] = label_names
+    results.update(task_metrics(scores, targets, task, label_names))
     results.update({"pooling": head.get("pooling", "last"), "truncated": stats.truncated_examples})
     if args.predictions:
-        write_lines(args.predictions, rows)
+        write_jsonl(args.predictions, prediction_rows(examples, scores, task, label_names, text_field, with_label=True))
     return results
 
 
