@@ -10,9 +10,11 @@ import base64
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from packaging.tags import sys_tags
@@ -47,6 +49,15 @@ def pip_accepts_for_the_gpu_machine(wheels, tmp_path):
                "--python-version", "3.12", "--implementation", "cp", *platform_args,
                "--target", str(tmp_path / "dry-run"), *map(str, wheels)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def local_python312():
+    """A CPython 3.12 of this machine, found where pack_gpu_wheels.sh looks (PATH, then pyenv's versions)."""
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [shutil.which("python3.12"), *sorted(pyenv_root.glob("versions/3.12.*/bin/python3.12"))]
+    runnable = [str(c) for c in candidates if c and subprocess.run([str(c), "-V"], capture_output=True).returncode == 0]
+    assert runnable, candidates
+    return runnable[0]
 
 
 def wheel_of(out_dir, name):
@@ -158,3 +169,17 @@ def test_the_gptqmodel_stack_is_carried_for_the_gpu_machines_python(tmp_path):
     assert {tag.interpreter for tag in tags["pypcre"]} == {"cp312"}  # its C extension, built for the GPU's Python
     accepted = pip_accepts_for_the_gpu_machine(wheels, tmp_path)
     assert accepted.returncode == 0 and "Would install" in accepted.stdout, accepted.stdout + accepted.stderr
+    # The compiled ones (pypcre built here, pydantic-core as published) import under a local CPython 3.12, the one the
+    # script built pypcre with (torch is not needed for them).
+    python312 = local_python312()
+    needed = {"pypcre", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"}
+    compiled = [p for p in wheels if str(parse_wheel_filename(p.name)[0]) in needed]
+    site = tmp_path / "site312"
+    subprocess.run([python312, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    *map(str, compiled)], check=True, capture_output=True, timeout=300)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import pcre, pydantic\n"
+              "class M(pydantic.BaseModel):\n    n: int\n"
+              "print(pcre.compile(r'a(\\d+)').match('a12').group(1), M(n='3').n, pcre.__file__)\n")
+    proc = subprocess.run([python312, "-c", script, str(site)], capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.stdout == f"12 3 {site / 'pcre' / '__init__.py'}\n", proc.stdout + proc.stderr
