@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the recipe (in-process or through run.sh)
 RECIPE = REPO / "cls" / "full-ft-deepspeed-offload"
 DATA = REPO / "data" / "cls"
 cls_full_ft = load_recipe(RECIPE)
@@ -78,7 +79,8 @@ def test_regression_under_zero3_with_offloaded_weights(tmp_path):
     from scipy.stats import pearsonr
 
     result = run_main(tmp_path, "--task=regression", "--zero_stage=3", "--offload_params",
-                      f"--data_path={DATA / 'regression_train.jsonl'}", f"--eval_data_path={DATA / 'regression_eval.jsonl'}",
+                      f"--data_path={DATA / 'regression_train.jsonl'}",
+                      f"--eval_data_path={DATA / 'regression_eval.jsonl'}",
                       f"--predict_data_path={DATA / 'regression_eval.jsonl'}", "--max_steps=60", "--lr=1e-4",
                       "--head_lr=3e-3", "--loss=huber")
     ev = result["eval"]
@@ -122,6 +124,25 @@ def test_two_processes_under_zero3_score_every_eval_text_once(tmp_path):
     rows = read_jsonl(out / "predictions.jsonl")
     assert [r["text"] for r in rows] == [json.loads(line)["text"] for line in predict.read_text().splitlines()]
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def test_nan_loss_stops_before_the_update_with_the_real_gradient_norm(tmp_path, monkeypatch):
+    """A nan loss in step 2 (its second micro-batch): every rank stops after the step's last backward, before
+    engine.step(), and the error gives the gradient norm DeepSpeed would have clipped (inf), not a placeholder."""
+    from common.losses import NonFiniteLoss
+
+    real, calls = cls_full_ft.cls_loss_sum, []
+
+    def nan_in_step_2(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 4 else value
+
+    monkeypatch.setattr(cls_full_ft, "cls_loss_sum", nan_in_step_2)
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: loss nan, gradient norm inf; stopped before updating the "
+                                            r"weights \(last checkpoint: .*step_00000001\)"):
+        run_main(tmp_path, "--max_steps=3", "--grad_accum=2", "--save_every=1", "--eval_data_path=", "--batch_size=4")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
 
 
 def test_bad_label_is_one_clear_line(tmp_path):

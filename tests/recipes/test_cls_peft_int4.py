@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the recipe (in-process or through run.sh)
 RECIPE = REPO / "cls" / "peft-int4"
 DATA = REPO / "data" / "cls"
 cls_peft_int4 = load_recipe(RECIPE)
@@ -44,7 +45,8 @@ def test_classification_run_sh_beats_majority_and_matches_sklearn(tmp_path, gptq
     final = out / "final"
     assert json.loads((final / "labels.json").read_text())["labels"] == LABELS
     adapter = json.loads((final / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == projections
     assert "score" in adapter["modules_to_save"]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the recipe (in-process or through run.sh)
 RECIPE = REPO / "cls" / "qlora"
 DATA = REPO / "data" / "cls"
 cls_qlora = load_recipe(RECIPE)

@@ -2,10 +2,12 @@
 import json
 import math
 
+import pytest
 import torch
 
 from tests.conftest import REPO, load_recipe, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the recipe (in-process or through run.sh)
 RECIPE = REPO / "cls" / "reward-qlora"
 reward_qlora = load_recipe(RECIPE)
 
@@ -38,7 +40,8 @@ def test_saved_reward_model_reloads_and_reproduces_rewards(tmp_path):
     tok = result["tokenizer"]
     pairs, _ = build_preference_examples([Record({"prompt": "Capital of Peru?", "chosen": "Lima.",
                                                   "rejected": "I don't know."}, "x:1")], tok, 128)
-    in_memory = [t.detach() for t in reward_qlora.score_pairs(result["reward_model"].eval(), pairs, tok.pad_token_id, torch.device("cpu"))]
+    scored = reward_qlora.score_pairs(result["reward_model"].eval(), pairs, tok.pad_token_id, torch.device("cpu"))
+    in_memory = [t.detach() for t in scored]
     base = load_model(resolve_model_path("tiny"), "nf4", model_class=AutoModelForSequenceClassification, num_labels=1)
     reloaded = PooledClassifier(PeftModel.from_pretrained(base, result["final_dir"]), "last").eval()
     with torch.no_grad():

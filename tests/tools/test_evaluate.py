@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tests.conftest import REPO
 from tests.tools.conftest import load_tool, train
 
+pytestmark = pytest.mark.slow  # every test scores adapters the recipes trained in-process (conftest fixtures)
 evaluate = load_tool("evaluate")
 generate = load_tool("generate")
 SFT_EVAL = REPO / "data" / "sft" / "eval.jsonl"
