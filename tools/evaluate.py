@@ -37,7 +37,14 @@ from common.cls_eval import (  # noqa: E402
     write_jsonl,
 )
 from common.config import UserError, exit_on_user_error, parse_bool  # noqa: E402
-from common.data import Record, build_cls_examples, build_sft_examples, collate_left_padded, plan_batches, read_records  # noqa: E402
+from common.data import (  # noqa: E402
+    Record,
+    build_cls_examples,
+    build_sft_examples,
+    collate_left_padded,
+    plan_batches,
+    read_records,
+)
 from common.inference import (  # noqa: E402
     encode_prompt,
     generate_texts,
