@@ -5,6 +5,8 @@ import pytest
 
 from tests.conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # every test trains or merges a tokenizer in a child process (5-40 s each)
+
 TRAIN = REPO / "data_scripts" / "train_tokenizer.py"
 MERGE = REPO / "data_scripts" / "merge_tokenizer.py"
 TINY = REPO / "common" / "tiny_llama"

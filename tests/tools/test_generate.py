@@ -63,6 +63,7 @@ def test_sampling_is_repeatable_with_a_seed(prompts_file, tmp_path):
     assert first == again
 
 
+@pytest.mark.slow  # the tool in a child process
 def test_interactive_streams_each_answer_and_skips_bad_lines(prompts_file, tmp_path):
     """As a user runs it: a subprocess reading stdin; each answer equals the file mode's greedy answer."""
     expected = run(tmp_path / "expected.jsonl", prompts_file, "--model=tiny", "--max_new_tokens=6")
