@@ -250,10 +250,8 @@ def config_help(cls) -> str:
              "from a file, the command line overriding it):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = hints[f.name]
-        tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
         option = f"--{f.name}={default!r}"
-        lines.append(f"  {option:<44} {tp:<30} {comments.get(f.name, '')}")
+        lines.append(f"  {option:<44} {_type_name(hints[f.name]):<30} {comments.get(f.name, '')}")
     return "\n".join(lines)
 
 
