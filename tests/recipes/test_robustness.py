@@ -126,7 +126,7 @@ def test_cls_recipes_resume_exactly(recipe, tmp_path):
     assert resumed["losses"] == pytest.approx(straight["losses"][3:], abs=1e-6)
 
 
-@pytest.mark.parametrize("content,needle", [
+BAD_TRAINING_DATA = [
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', ":2: malformed JSON"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', ":2: missing field 'output'"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 7}\n',
@@ -134,8 +134,26 @@ def test_cls_recipes_resume_exactly(recipe, tmp_path):
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": " "}\n', ":2: field 'output' is empty"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "b"}\n', ":2: not UTF-8"),
     (b"", ": no records (empty file)"),
-])
-def test_bad_training_data_is_one_line_through_run_sh(tmp_path, content, needle):
+]
+
+
+@pytest.mark.parametrize("content,needle", BAD_TRAINING_DATA)
+def test_bad_training_data_is_one_error_naming_file_and_line(tmp_path, content, needle):
+    """Each kind of bad record, in-process (the data is read before any model weights): one line naming the file."""
+    from common.config import UserError
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        run_main(sft_qlora, tmp_path / "out", f"--data_path={bad}", "--max_steps=1")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(bad)) and needle in message, message
+
+
+def test_bad_training_data_is_one_line_through_run_sh(tmp_path):
+    """The same error through run.sh (one kind is enough: the printing is the same for every UserError): exit 2, no
+    traceback, the error as the last line of stderr."""
+    content, needle = BAD_TRAINING_DATA[0]
     bad = tmp_path / "train.jsonl"
     bad.write_bytes(content)
     proc = run_script(SFT_QLORA / "run.sh", f"--data_path={bad}", f"--output_dir={tmp_path / 'out'}", "--max_steps=1")
