@@ -42,7 +42,8 @@ for arg in "$@"; do
   case "$arg" in
     -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
     --dry-run|--dry_run)
-      echo "bench/gpu_smoke.sh --dry-run: wheels from .whl/install.sh or bench/install_gpu_wheels.sh (30 s), then"
+      echo "bench/gpu_smoke.sh --dry-run: wheels from .whl/install.sh or bench/install_gpu_wheels.sh (45 s)," \
+        "versions (10 s), then"
       exec "${PYTHON:-python3}" "$REPO/bench/gpu_smoke.py" "$@" ;;
   esac
 done
@@ -62,7 +63,7 @@ smoke() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: none"
 
   # the packages the GPU machine lacks, from the .whl folder carried along (bench/pack_gpu_wheels.sh builds it): the
-  # install script that exists (it installs into python3 and always exits 0), at most 30 s
+  # install script that exists (it installs into python3 and always exits 0), at most 45 s
   WHEELS=""
   for candidate in "$REPO/.whl/install.sh" "$REPO/bench/install_gpu_wheels.sh"; do
     if [[ -z "$WHEELS" && -f "$candidate" ]]; then
@@ -73,9 +74,9 @@ smoke() {
     echo "wheels: none carried"
   else
     echo "wheels: bash $WHEELS"
-    PYTHON=python3 timeout 30 bash "$WHEELS" "$REPO/.whl" < /dev/null || echo "wheels: $WHEELS exited $?"
+    PYTHON=python3 timeout 45 bash "$WHEELS" "$REPO/.whl" < /dev/null || echo "wheels: $WHEELS exited $?"
   fi
-  timeout 15 python "$REPO/bench/gpu_smoke.py" --versions || echo "versions: exit $?"
+  timeout 10 python "$REPO/bench/gpu_smoke.py" --versions || echo "versions: exit $?"
 
   python "$REPO/bench/gpu_smoke.py" --out="$OUT" --work="$SMOKE_WORK" --python="$(command -v python)" "$@"
 }
