@@ -187,7 +187,6 @@ def sft_ours(s, out):
 
 
 def sft_hf(s, out):
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from common.data import build_sft_examples, read_records
@@ -199,7 +198,7 @@ def sft_hf(s, out):
     model = hf_lora_model(s, AutoModelForCausalLM, "CAUSAL_LM")
     counter = TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer = Trainer(model=model, args=TrainingArguments(**trainer_args(s, out)),
-                      train_dataset=Dataset.from_list(examples), data_collator=counter)
+                      train_dataset=examples, data_collator=counter)  # a list: no `datasets` on the GPU machine
     return timed_train(trainer, counter)
 
 
@@ -242,7 +241,6 @@ def cls_ours(s, out):
 
 
 def cls_hf(s, out):
-    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from common.data import build_cls_examples, label_set, read_records
@@ -259,7 +257,7 @@ def cls_hf(s, out):
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the last non-pad token of each right-padded row
     counter = TokenCounter(DataCollatorWithPadding(tokenizer))
     trainer = Trainer(model=model, args=TrainingArguments(**trainer_args(s, out), remove_unused_columns=False),
-                      train_dataset=Dataset.from_list(rows), data_collator=counter)
+                      train_dataset=rows, data_collator=counter)  # a list: no `datasets` on the GPU machine
     return timed_train(trainer, counter)
 
 
