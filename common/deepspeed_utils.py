@@ -15,27 +15,17 @@ import contextlib
 import copy
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from common.checkpoint import load_sharded_trainer_state, save_sharded_checkpoint
 from common.config import UserError
+from common.logs import name_the_cpu_accelerator
 
-
-def name_the_cpu_accelerator():
-    """Without a GPU, tell DeepSpeed it runs on the CPU (DS_ACCELERATOR=cpu, unless set) before it is imported: found by
-    its own detection instead, it warns "Setting accelerator to CPU" on every start. The start-up block names the
-    device. Runs when this module is imported, which the DeepSpeed recipes do before they import deepspeed."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-name_the_cpu_accelerator()
+name_the_cpu_accelerator()  # on import: the DeepSpeed recipes import this module before they import deepspeed
 
 
 def init_distributed():

@@ -16,9 +16,18 @@ import torch
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 
 
+def name_the_cpu_accelerator():
+    """Without a GPU, tell DeepSpeed it runs on the CPU (DS_ACCELERATOR=cpu, unless set) before it is imported: found by
+    its own detection instead, it warns "Setting accelerator to CPU" on every start (also where transformers imports it
+    on its own). The start-up block names the device."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def quiet_third_party_logs():
     """Keep the step log readable: no per-file progress bars or info chatter from the libraries."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    name_the_cpu_accelerator()
     # peft still calls the transformers 4 names of the checkpointing switches; the warning is not for our users
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
     import transformers

@@ -134,7 +134,7 @@ def test_run_sh_trains_on_user_files(recipe, tmp_path):
     proc = subprocess.run(["bash", str(recipe / "run.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:]
-    screen = proc.stdout.splitlines()
+    screen = [line for line in proc.stdout.splitlines() if line.strip()]
     assert re.fullmatch(r"[a-z]+ +", screen[0][:9]), screen[:5]  # the block's first line, e.g. "model    tiny ..."
     assert not [line for line in screen if any(noise in line for noise in THIRD_PARTY_NOISE)], proc.stdout[:3000]
     rows = read_jsonl(z / "metrics.jsonl")
