@@ -1,0 +1,53 @@
+"""common/deepspeed_utils.py: the DeepSpeed JSON with the values the Config owns written in (a disagreement is an
+error), a bad --ds_config in one line, and init_distributed dropping only DeepSpeed's "built successfully" print."""
+import sys
+import types
+
+import pytest
+
+from common.config import UserError
+from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config
+
+OWNED = {"train_micro_batch_size_per_gpu": (4, "--batch_size"), "gradient_accumulation_steps": (2, "--grad_accum"),
+         "zero_optimization.stage": (3, "--zero_stage"), "optimizer": (None, "--lr")}
+
+
+def test_fill_ds_config_writes_in_what_the_config_owns():
+    given = {"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 3, "overlap_comm": True}}
+    filled = fill_ds_config(given, OWNED, "ds_config.json")
+    assert filled == {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 4,
+                      "zero_optimization": {"stage": 3, "overlap_comm": True}}
+    assert given["gradient_accumulation_steps"] == "auto"  # a copy: the JSON as read is left alone
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({"zero_optimization": {"stage": 2}}, "ds_config.json: 'zero_optimization.stage' is 2 but --zero_stage gives 3; "
+                                          "the command line owns this value, so remove it from the JSON"),
+    ({"optimizer": {"type": "Adam"}}, "ds_config.json: remove 'optimizer'; train.py builds it from --lr"),
+    ({"zero_optimization": 3}, "ds_config.json: 'zero_optimization' must be an object")])
+def test_fill_ds_config_refuses_a_json_that_disagrees(given, expected):
+    with pytest.raises(UserError) as e:
+        fill_ds_config(given, OWNED, "ds_config.json")
+    assert str(e.value) == expected
+
+
+@pytest.mark.parametrize("text,expected", [(None, "no such file"), ('{"a": 1,\n "b"}', "2: malformed JSON"),
+                                           ("[1, 2]", "expected a JSON object")])
+def test_read_ds_config_errors_are_one_line(tmp_path, text, expected):
+    path = tmp_path / "ds.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError, match=f"^--ds_config={path}:? ?{expected}"):
+        read_ds_config(path)
+    path.write_text('{"zero_optimization": {"stage": 1}}')
+    assert read_ds_config(path) == {"zero_optimization": {"stage": 1}}
+
+
+def test_init_distributed_drops_only_the_shm_op_line(monkeypatch, capsys):
+    def fake_init_distributed():  # what deepspeed.init_distributed prints on a CPU machine, and something else
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("a line DeepSpeed has to say")
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=fake_init_distributed))
+    init_distributed()
+    assert capsys.readouterr().out == "a line DeepSpeed has to say\n"
