@@ -265,9 +265,10 @@ def main(cfg: Config) -> dict:
             engine.backward(micro_loss * rt.world_size / predicted_per_step, scale_wrt_gas=False)
             engine.step()  # optimizer, schedule and clipping only after the grad_accum-th micro-batch
         # DeepSpeed's norm of this step's gradient, the same on every rank. ZeRO and DeepSpeed's bf16/fp16 optimizers
-        # withhold an update whose norm is not finite (their overflow check): the weights are still the last step's
+        # withhold an update whose norm is not finite (their overflow check): the weights are still the last step's.
+        # In fp16 that is a loss-scale overflow, skipped and answered by a lower scale: only the loss counts then
         grad_norm = engine.get_global_grad_norm()
-        if not is_finite(loss, grad_norm):
+        if not is_finite(loss, grad_norm, loss_scaled=dtype == torch.float16):
             raise non_finite_error(step, loss, grad_norm, out)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
