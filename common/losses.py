@@ -82,31 +82,8 @@ def non_finite_error(step: int, loss: float, grad_norm, output_dir) -> NonFinite
     and the last checkpoint stay as they were: it names the step, the values, the last checkpoint and what to do."""
     from common.checkpoint import latest_checkpoint
 
-    norm = float(grad_norm) if grad_norm is not None else 0.0
+    norm = "not computed" if grad_norm is None else float(grad_norm)  # a check before backward has no norm yet
     last = latest_checkpoint(output_dir)
     return NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {norm}; stopped before updating the weights "
                          f"(last checkpoint: {last or 'none'}); lower --lr or check the data, resume with --resume, "
                          "or skip such steps with --on_nan=skip")
-
-
-def step_is_finite(step: int, loss: float, grad_norm, on_nan: str, output_dir, loss_scaled: bool = False) -> bool:
-    """Check a step before its update: True to apply it, False to skip it (--on_nan=skip); with --on_nan=stop a
-    NonFiniteLoss before anything changes, so the weights and the last checkpoint stay as they were.
-
-    loss_scaled: an enabled torch.amp.GradScaler (fp16) steps the optimizer. Its inf gradients with a finite loss are
-    an fp16 overflow of the scaled loss, which scaler.step skips and scaler.update answers by halving the scale: a
-    normal event in fp16 training, not a reason to stop. Only the loss is checked then."""
-    import math
-
-    from common.checkpoint import latest_checkpoint
-
-    norm = float(grad_norm) if grad_norm is not None else 0.0
-    overflow_only = loss_scaled and math.isfinite(loss)
-    if overflow_only or (math.isfinite(loss) and math.isfinite(norm)):
-        return True
-    if on_nan == "skip":
-        return False
-    last = latest_checkpoint(output_dir)
-    raise NonFiniteLoss(f"step {step}: loss {loss}, gradient norm {norm}; stopped before updating the weights "
-                        f"(last checkpoint: {last or 'none'}); lower --lr or check the data, resume with --resume, "
-                        "or skip such steps with --on_nan=skip")
