@@ -126,7 +126,9 @@ def chat_messages(record: Record) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{record.where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{record.where}: field 'messages[{i}].role' is {m['role']!r}; expected system, user or assistant")
+            role = m["role"]
+            raise DataError(f"{record.where}: field 'messages[{i}].role' is {role!r}; "
+                            "expected system, user or assistant")
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise DataError(f"{record.where}: field 'messages' must end with a non-empty assistant message")
     return messages

@@ -7,8 +7,8 @@ kernel that LoRA can train through.
     model = load_gptq_model(model_dir, AutoModelForSequenceClassification, num_labels=3)
 
 Quantizing goes through transformers' `GPTQConfig(dataset=...)` (optimum + gptqmodel) and is saved in the GPTQ v1
-format, the one GPTQ loaders in general read (v2 is gptqmodel's own). Importing gptqmodel changes the whole process (HF_HOME, the root logger, a
-banner); `import_gptqmodel` undoes that, so always import it through there.
+format, the one GPTQ loaders in general read (v2 is gptqmodel's own). Importing gptqmodel changes the whole process
+(HF_HOME, the root logger, a banner); `import_gptqmodel` undoes that, so always import it through there.
 """
 import contextlib
 import hashlib

@@ -11,6 +11,7 @@ one card.
     model = add_lora(model, ...)               # optional: adapters are created on meta and initialized per layer
     load_4bit_weights(model, model_dir, torch.device("cuda", 0), on_layer=fully_shard)
 """
+import contextlib
 import ctypes
 import json
 from pathlib import Path
@@ -25,10 +26,8 @@ from common.model import bnb_quantization_config, disable_bnb_cpu_inference_repa
 def release_freed_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, and the next layer's temporaries land in
     fresh pages); a no-op where malloc_trim does not exist."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -43,7 +42,8 @@ def checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable itself
+        return dict.fromkeys(names, single)
 
 
 def build_4bit_model_on_meta(model_dir: Path, compute_dtype: torch.dtype, storage_dtype: torch.dtype = torch.uint8,
@@ -114,7 +114,7 @@ def load_4bit_weights(model, model_dir: Path, device: torch.device, on_layer=Non
                     sub._parameters[pname] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
                 else:
                     missing.append(ckpt_name)
-        for name, sub in module.named_modules():  # peft adapters: materialize and initialize on device
+        for sub in module.modules():  # peft adapters: materialize and initialize on device
             if hasattr(sub, "reset_lora_parameters") and any(p.device.type == "meta" for p in sub.parameters()):
                 for adapter in sub.active_adapters:
                     for holder in (sub.lora_A, sub.lora_B):
