@@ -40,6 +40,7 @@ def assert_finite_rows(rows: dict, names: list[str]):
     assert rows["ours"]["ratio"] == 1.0
 
 
+@pytest.mark.slow
 def test_cls_family_table_has_both_contenders_and_counts_padding(tmp_path):
     rows, report = run_peers(tmp_path, "--family", "cls", "--steps", "2", "--rounds", "1")
     assert_finite_rows(rows, ["ours", "hf"])
@@ -52,6 +53,7 @@ def test_cls_family_table_has_both_contenders_and_counts_padding(tmp_path):
     assert report["cls"]["settings"]["lora_r"] == 16 and report["cls"]["settings"]["batch_size"] == 16
 
 
+@pytest.mark.slow
 def test_pretrain_family_table_has_both_contenders_on_the_same_model_and_windows(tmp_path):
     rows, report = run_peers(tmp_path, "--family", "pretrain", "--steps", "2", "--rounds", "1")
     assert_finite_rows(rows, ["ours", "torch"])
