@@ -176,7 +176,10 @@ def chat_segments(messages, tokenizer, where) -> list[tuple[str, bool]]:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat data needs a tokenizer with a chat template; this tokenizer has none")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
     segments, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":

@@ -208,9 +208,9 @@ def make_delta(base: str, target: str, out: str) -> dict:
         make_safetensors_readable(folder)
 
     atomic_write_dir(out_dir, write)
-    size = lambda files: sum(p.stat().st_size for p in files)  # noqa: E731
-    return {"out": out_dir, "counts": counts, "delta_bytes": size(out_dir.glob("delta-*.safetensors")),
-            "target_bytes": size(target_files)}
+    delta_bytes = sum(p.stat().st_size for p in out_dir.glob("delta-*.safetensors"))
+    target_bytes = sum(p.stat().st_size for p in target_files)
+    return {"out": out_dir, "counts": counts, "delta_bytes": delta_bytes, "target_bytes": target_bytes}
 
 
 def apply_delta(base: str, delta: str, out: str) -> dict:

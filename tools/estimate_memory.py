@@ -304,7 +304,10 @@ def fits(total: float) -> list[str]:
 
 def print_run(shape: Shape, args, r: dict):
     split = " (layer split)" if args.layer_split else " (FSDP)" if args.fsdp else ""
-    size = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"  # noqa: E731
+
+    def size(n):
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
     print(f"model {shape.name}: {size(r['params'])} parameters, {size(r['trainable'])} trainable | "
           f"{args.method} | {args.device} x {args.gpus}{split} | micro-batch {args.batch_size} x {args.seq_len} tokens")
     for key, label in ROWS:

@@ -47,7 +47,10 @@ def test_lora_added_on_meta_is_initialized_per_layer_and_starts_as_the_base(tiny
         return model
 
     a, b, c = build(1), build(1), build(2)
-    lora_a = lambda m: [p for n, p in m.named_parameters() if "lora_A" in n]  # noqa: E731
+
+    def lora_a(model):
+        return [p for n, p in model.named_parameters() if "lora_A" in n]
+
     assert all(torch.equal(x, y) for x, y in zip(lora_a(a), lora_a(b)))  # every rank builds the same adapters
     assert not torch.equal(lora_a(a)[0], lora_a(c)[0])
     assert all(float(p.std()) > 0 for p in lora_a(a))

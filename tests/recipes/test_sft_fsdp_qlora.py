@@ -53,10 +53,11 @@ def test_sharded_over_two_processes_computes_the_same_steps_as_one(tmp_path):
     two = run_script(RECIPE / "run.sh", f"--output_dir={tmp_path / 'two'}", *SAME_STEPS, "--batch_size=2",
                      f"--eval_data_path={one_record}", env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    curve = lambda out: [r["loss"] for r in read_metrics(out) if "loss" in r]  # noqa: E731
-    assert len(curve(tmp_path / "one")) == 5
-    assert curve(tmp_path / "two") == pytest.approx(curve(tmp_path / "one"), abs=2e-4)
-    assert curve(tmp_path / "one")[-1] < curve(tmp_path / "one")[0]
+    curve_one = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
+    curve_two = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert len(curve_one) == 5
+    assert curve_two == pytest.approx(curve_one, abs=2e-4)
+    assert curve_one[-1] < curve_one[0]
     evals = [r["eval_loss"] for r in read_metrics(tmp_path / "two") if "eval_loss" in r]
     assert len(evals) == 2 and all(math.isfinite(x) for x in evals), evals
 

@@ -57,8 +57,9 @@ def test_base_plus_adapter_equals_merged_model(prompts_file, sft_adapter, merged
 
 
 def test_sampling_is_repeatable_with_a_seed(prompts_file, tmp_path):
-    sample = lambda name, seed: run(tmp_path / name, prompts_file, "--model=tiny", "--do_sample",  # noqa: E731
-                                    "--temperature=1.5", f"--seed={seed}")
+    def sample(name, seed):
+        return run(tmp_path / name, prompts_file, "--model=tiny", "--do_sample", "--temperature=1.5", f"--seed={seed}")
+
     first, again = sample("a.jsonl", 1), sample("b.jsonl", 1)
     assert first == again
 
