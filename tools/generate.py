@@ -89,7 +89,10 @@ def generate_file(args, records, model, tokenizer, config) -> dict:
     prompts = [generation_prompt(r, tokenizer, args.prompt_template) for r in records]
     prompt_ids = [encode_prompt(tokenizer, text, add_special) for text, add_special in prompts]
     start = time.perf_counter()
-    progress = lambda done, total: print(f"generated {done}/{total}", file=sys.stderr, flush=True)  # noqa: E731
+
+    def progress(done, total):
+        print(f"generated {done}/{total}", file=sys.stderr, flush=True)
+
     outputs = generate_texts(model, tokenizer, prompt_ids, args.batch_size, config, on_batch=progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)

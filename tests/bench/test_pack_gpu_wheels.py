@@ -104,6 +104,7 @@ def test_bitsandbytes_keeps_only_its_cpu_and_cuda13_libraries_and_a_true_record(
             assert (digest, size) == (f"sha256={expected}", str(len(data))), path
 
 
+@pytest.mark.slow  # pip installs and a clean child interpreter
 def test_the_wheels_install_with_pip_target_and_import_in_a_clean_environment(packed, tmp_path):
     out_dir, _ = packed
     # The folder is for the GPU machine's Python 3.12: a wheel built for another Python (pydantic-core) is left out

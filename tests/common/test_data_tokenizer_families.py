@@ -318,6 +318,7 @@ def test_generation_with_end_of_turn_other_than_eos_stops_there(tiny_model, toke
     assert ran_on[0, prompt.shape[1]:].tolist() == [a, a, a, eot, b, b, b, b]
 
 
+@pytest.mark.slow  # the sft recipe and merge_lora end to end
 def test_sft_qlora_and_merge_lora_write_eos_and_end_of_turn_to_generation_config(tiny_dir, tmp_path):
     """A tiny checkpoint whose chat template ends turns with <|user|> (standing in for <|eot_id|>): sft/qlora's
     final/generation_config.json and the merged model's stop at EOS and at <|user|>."""

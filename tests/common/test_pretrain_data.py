@@ -95,6 +95,7 @@ def test_document_mask_makes_a_packed_window_equal_its_documents_alone(tiny_mode
     assert make_batch([window], tokenizer.eos_token_id, "positions").keys() == {"input_ids", "labels", "position_ids"}
 
 
+@pytest.mark.slow  # pretokenize.py end to end
 def test_pretokenize_matches_on_the_fly_and_token_file_windows_cover_once(tmp_path, corpus, tokenizer):
     from common.pretrain_data import encode_document, open_token_file
 
@@ -121,6 +122,7 @@ def test_pretokenize_matches_on_the_fly_and_token_file_windows_cover_once(tmp_pa
     assert sorted(starts) == list(range(n_windows))
 
 
+@pytest.mark.slow  # pretokenize.py in child processes
 def test_token_file_errors_are_one_clear_line(tmp_path, corpus):
     folder, _ = corpus
     out = tmp_path / "tokens.bin"

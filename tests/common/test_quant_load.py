@@ -65,6 +65,7 @@ def test_a_checkpoint_without_safetensors_is_a_clear_error(tmp_path):
         checkpoint_tensor_files(tmp_path)
 
 
+@pytest.mark.slow  # measures the peak of a whole 4-bit load
 def test_loading_in_4bit_peaks_far_below_the_fp32_size(tmp_path):
     """A 158M-parameter Llama (605 MB in fp32) loaded layer by layer into NF4 in a fresh process: anonymous memory
     (what is really taken, not the memory-mapped file) peaks under a quarter of the fp32 size (0.21 measured,
