@@ -182,6 +182,22 @@ def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
     return state["step"]
 
 
+def resume_adapter_training(model, optimizer, scheduler, output_dir, device: torch.device, log) -> int:
+    """--resume for the LoRA recipes: the adapter (with a score head where there is one), optimizer, schedule and RNG
+    of rank 0's latest checkpoint, on every rank; returns its step (0, said in the log, when there is none)."""
+    folder = resume_checkpoint(output_dir)
+    if folder is None:
+        log.info(f"--resume: no checkpoint in {Path(output_dir) / 'checkpoints'}, starting from step 0")
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors", device=str(device)))
+    start_step = load_trainer_state(folder, optimizer, scheduler)
+    log.info(f"resumed from {folder} at step {start_step}")
+    return start_step
+
+
 def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards, extra: dict | None = None) -> Path:
     """A checkpoint that every rank writes a part of (DeepSpeed ZeRO, FSDP), made atomic: all ranks write into
     checkpoints/.step_N.tmp (write_shards(tmp)), then rank 0 adds trainer_state.pt (step, every rank's RNG state,

@@ -37,9 +37,8 @@ import torch
 from common.checkpoint import (
     atomic_write_dir,
     latest_checkpoint,
-    load_trainer_state,
     prepare_output_dir,
-    resume_checkpoint,
+    resume_adapter_training,
     save_checkpoint,
 )
 from common.cls_eval import (
@@ -129,22 +128,6 @@ class Config:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow or none
 
 
-def resume(model, optimizer, scheduler, out: Path, rt, log) -> int:
-    """--resume: the adapter with the score head, optimizer, schedule and RNG of the latest checkpoint; returns its
-    step (0: none)."""
-    ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
-    if ckpt is None:
-        log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
-        return 0
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)
-    log.info(f"resumed from {ckpt} at step {start_step}")
-    return start_step
-
-
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
@@ -227,7 +210,7 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-    start_step = resume(model, optimizer, scheduler, out, rt, log) if cfg.resume else 0
+    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
 
     log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base + LoRA "
              f"r={cfg.lora_r} on {','.join(targets)} + score head | "

@@ -30,9 +30,8 @@ import torch
 from common.checkpoint import (
     atomic_write_dir,
     latest_checkpoint,
-    load_trainer_state,
     prepare_output_dir,
-    resume_checkpoint,
+    resume_adapter_training,
     save_checkpoint,
 )
 from common.config import config_to_dict, exit_on_user_error, parse_config
@@ -136,21 +135,6 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
     return loss_sum / max(n_tokens, 1)
 
 
-def resume(model, optimizer, scheduler, out: Path, rt, log) -> int:
-    """--resume: the adapter, optimizer, schedule and RNG of the latest checkpoint; returns its step (0: none)."""
-    ckpt = resume_checkpoint(out)  # rank 0's latest, on every rank
-    if ckpt is None:
-        log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
-        return 0
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(rt.device)))
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)
-    log.info(f"resumed from {ckpt} at step {start_step}")
-    return start_step
-
-
 def log_startup(log, cfg: Config, model_dir, model, kernel, targets, precision, checkpointing, data_lines, plan,
                 lengths, total_steps, rt):
     """The start-up block: model, data (with one rendered example), batches, steps, and the layer split."""
@@ -246,7 +230,7 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
-    start_step = resume(model, optimizer, scheduler, out, rt, log) if cfg.resume else 0
+    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
     log_startup(log, cfg, model_dir, model, kernel, targets, precision, checkpointing, data_lines, plan, lengths,
                 total_steps, rt)
 

@@ -212,3 +212,45 @@ def test_a_final_model_is_written_in_the_training_dtype():
                                                       "step_ids": torch.int64}
     assert all(torch.equal(final[k], v) for k, v in expected.items())
     assert torch.equal(final["step_ids"], torch.arange(3))
+
+
+class Lines:
+    """A logger stand-in that keeps what `info` was given."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+
+def lora_model(seed: int):
+    from common.model import add_lora, load_model, materialize_tiny_llama
+
+    torch.manual_seed(seed)
+    return add_lora(load_model(materialize_tiny_llama()), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+
+
+def test_resume_adapter_training_restores_the_adapter_and_says_when_there_is_nothing(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from common.checkpoint import resume_adapter_training, save_checkpoint
+
+    log = Lines()
+    empty = lora_model(0)
+    optimizer, scheduler = tiny_optimizer()
+    assert resume_adapter_training(empty, optimizer, scheduler, tmp_path, torch.device("cpu"), log) == 0
+    assert log.lines == [f"--resume: no checkpoint in {tmp_path / 'checkpoints'}, starting from step 0"]
+
+    trained = lora_model(1)
+    for name, param in trained.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the saved adapter differ from a fresh one
+            param.data.fill_(0.5)
+    saved = save_checkpoint(tmp_path, 4, trained.save_pretrained, optimizer, scheduler, keep_last=2)
+    fresh = lora_model(2)
+    fresh_optimizer, fresh_scheduler = tiny_optimizer()
+    step = resume_adapter_training(fresh, fresh_optimizer, fresh_scheduler, tmp_path, torch.device("cpu"), log)
+    assert step == 4 and log.lines[-1] == f"resumed from {saved} at step 4"
+    expected, restored = get_peft_model_state_dict(trained), get_peft_model_state_dict(fresh)
+    assert expected.keys() == restored.keys()
+    assert all(torch.equal(expected[k], restored[k]) for k in expected)
