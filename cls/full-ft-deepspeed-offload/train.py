@@ -140,7 +140,7 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype, world_size: int) -> dict:
     return fill_ds_config(read_ds_config(cfg.ds_config), owned, cfg.ds_config)
 
 
-def make_optimizer(classifier, cfg: Config, device: torch.device):
+def make_ds_optimizer(classifier, cfg: Config, device: torch.device):
     """AdamW over the decay / no-decay groups, the score head in groups of its own with head_lr. Offloaded, the step
     runs on CPU in DeepSpeedCPUAdam (DeepSpeed refuses another optimizer there)."""
     groups = []
@@ -257,7 +257,7 @@ def main(cfg: Config) -> dict:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: the unpartitioned size
 
     # ---- optimizer and schedule, given to DeepSpeed ready-made
-    optimizer = make_optimizer(classifier, cfg, rt.device)
+    optimizer = make_ds_optimizer(classifier, cfg, rt.device)
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=classifier, optimizer=optimizer, lr_scheduler=scheduler,
