@@ -12,6 +12,7 @@ format, the one GPTQ loaders in general read (v2 is gptqmodel's own). Importing 
 """
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -46,7 +47,12 @@ def import_gptqmodel():
         # quantize: on 2 cores that fails with "Virtual pool 'model_loader:cpu' requests 2 workers"
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import transformers  # noqa: F401  (huggingface_hub reads HF_HOME at import: let it see the user's value)
-    from logbar import LogBar
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # gptqmodel's progress-bar library prints a bare empty line at import
+        from logbar import LogBar
+    kept = printed.getvalue().strip()
+    if kept:  # anything else it prints is passed on
+        print(kept, flush=True)
 
     hf_cache_before = {name: os.environ.get(name) for name in HF_CACHE_VARIABLES}
     root = logging.getLogger()
