@@ -622,3 +622,95 @@ def build_preference_examples(records, tokenizer, max_seq_len: int, prompt_templ
         stats.examples += 1
         examples.append(pair)
     return examples, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs for training the language model itself (DPO and kin): each side is prompt + answer with labels on
+# the answer, built as the sft recipes build an example, so a policy tuned from an SFT adapter sees the same text.
+
+
+def preference_conversations(record: Record) -> tuple[list[dict], dict, dict] | None:
+    """A conversational pair as (shared prompt messages, chosen reply, rejected reply), or None for a text pair.
+    {"chosen": [messages], "rejected": [messages]} (HH / UltraFeedback style): the prompt is what both share, and each
+    must go on with exactly one final assistant reply. An optional "prompt": [messages] goes before both."""
+    chosen, rejected = record.data.get("chosen"), record.data.get("rejected")
+    if not isinstance(chosen, list) and not isinstance(rejected, list):
+        return None
+    sides = {}
+    prefix = record.data.get("prompt", [])
+    if not isinstance(prefix, list):
+        raise DataError(f"{record.where}: field 'prompt' must be a list of messages when 'chosen' and 'rejected' are")
+    for side in ("chosen", "rejected"):
+        messages = record.data.get(side)
+        if not isinstance(messages, list):
+            raise DataError(f"{record.where}: field '{side}' must be a list of messages, as 'chosen' and 'rejected' "
+                            f"are one kind; got {type(messages).__name__}")
+        sides[side] = chat_messages(Record({"messages": prefix + messages}, record.where))
+    shared = 0
+    while shared < min(map(len, sides.values())) - 1 and sides["chosen"][shared] == sides["rejected"][shared]:
+        shared += 1
+    for side, messages in sides.items():
+        if len(messages) != shared + 1:
+            raise DataError(f"{record.where}: field '{side}' must share every message with the other side but its "
+                            f"final assistant reply; they part at message {shared}")
+    if sides["chosen"][-1]["content"] == sides["rejected"][-1]["content"]:
+        raise DataError(f"{record.where}: fields 'chosen' and 'rejected' end with the same reply")
+    return sides["chosen"][:shared], sides["chosen"][-1], sides["rejected"][-1]
+
+
+def preference_sft_records(record: Record) -> tuple[Record, Record]:
+    """The chosen and the rejected side of a preference record as the SFT records the sft recipes would train on:
+    chat {"messages"} for conversational pairs; for text pairs alpaca {"instruction", "input"?, "output"} from
+    "instruction"(+"input") or "prompt" (a bare prompt goes in the instruction slot)."""
+    conversation = preference_conversations(record)
+    if conversation:
+        prompt, chosen, rejected = conversation
+        return (Record({"messages": prompt + [chosen]}, record.where),
+                Record({"messages": prompt + [rejected]}, record.where))
+    if "instruction" in record.data:
+        prompt = {"instruction": require_str(record, "instruction")}
+        if "input" in record.data:
+            prompt["input"] = require_str(record, "input", allow_empty=True)
+    else:
+        prompt = {"instruction": require_str(record, "prompt")}
+    chosen, rejected = require_str(record, "chosen"), require_str(record, "rejected")
+    if chosen == rejected:
+        raise DataError(f"{record.where}: fields 'chosen' and 'rejected' are identical")
+    return (Record({**prompt, "output": chosen}, record.where), Record({**prompt, "output": rejected}, record.where))
+
+
+def final_answer_only(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Segments with only the last trained one still trained: earlier assistant turns of a conversation are part
+    of the prompt a preference pair shares."""
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]
+
+
+def build_preference_pairs(records, tokenizer, max_seq_len: int,
+                           prompt_template="alpaca") -> tuple[list[dict], DataStats]:
+    """Preference records to {chosen_ids, chosen_labels, rejected_ids, rejected_labels}: each side rendered,
+    tokenized and masked as an SFT example (labels -100 on the prompt and on earlier turns), cut to max_seq_len from
+    the prompt's left so the answers stay whole. Text pairs {"prompt" or "instruction"/"input", "chosen",
+    "rejected"} go through the Alpaca or the chat template; conversational pairs through the chat template.
+    (build_preference_examples is the reward model's kind: whole texts, no labels.)"""
+    pairs, stats = [], DataStats()
+    for record in records:
+        pair = {}
+        for side, sft_record in zip(("chosen", "rejected"), preference_sft_records(record), strict=True):
+            segments, add_bos_eos = sft_segments(sft_record, tokenizer, prompt_template)
+            ids, is_answer = tokenize_segments(final_answer_only(segments), tokenizer, add_bos_eos)
+            if len(ids) > max_seq_len:
+                keep_first = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+                ids, is_answer, cut = truncate_keep_answer(ids, is_answer, max_seq_len, keep_first)
+                stats.truncated_tokens += cut
+                pair["truncated"] = True
+            pair[f"{side}_ids"] = ids
+            pair[f"{side}_labels"] = [t if answer else IGNORE_INDEX for t, answer in zip(ids, is_answer, strict=True)]
+            stats.tokens += len(ids)
+            stats.trained_tokens += sum(answer for answer in is_answer[1:])
+        stats.truncated_examples += pair.pop("truncated", False)
+        pairs.append(pair)
+        stats.examples += 1
+    if not pairs:
+        raise DataError(f"no preference pairs in {records[0].where.rsplit(':', 1)[0] if records else 'the data'}")
+    return pairs, stats

@@ -18,6 +18,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each trained token under the model and where the trained tokens are: (logps, mask), both
+    [rows, logits columns], logps 0 where mask is False. Positions line up as in token_loss_sum (logits[t] predicts
+    labels[t+1]; logits may cover only the last columns). Summed over a row: the log-likelihood of its answer, the
+    quantity preference losses (DPO, SimPO, ORPO) and the policy gradient (GRPO) work with."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - logits.shape[1]:]
+    mask = targets != IGNORE_INDEX
+    picked = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction="none")  # log_softmax gathered at the target, without a second [N, V] copy
+    return picked.view(targets.shape) * mask, mask
+
+
 def loss_window(labels: torch.Tensor) -> int:
     """How many final positions of the rows predict a trained token: the LM head and the loss are needed only
     there (pass it as the model's logits_to_keep). With left padding and the answer last, that is the longest
