@@ -9,7 +9,9 @@ prompts the way training did, and batched left-padded generation. Shared by tool
 """
 import copy
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,9 @@ from common.data import (
     Record,
     chat_messages,
     collate_left_padded,
+    encode_text,
     end_of_turn_ids,
+    render_prompt_response,
     require_str,
 )
 from common.model import load_model, load_tokenizer, resolve_model_path
@@ -301,3 +305,216 @@ def generate_texts(model, tokenizer, prompt_ids: list[list[int]], batch_size: in
         if on_batch:
             on_batch(min(start + batch_size, len(order)), len(order))
     return outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards for reinforcement learning (rlhf/grpo-qlora): a Python function from a file the user names, and a reward
+# model that cls/reward-qlora trained.
+
+
+def load_reward_function(spec: str, option: str = "reward_fn"):
+    """The function of --reward_fn=path.py:name (path.py alone: its `score`), the file run as a module of its own.
+    A missing file, a file that fails to import or a missing function is one line naming the option."""
+    import importlib.util
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not name.isidentifier():
+        path, name = spec, "score"
+    file = Path(path)
+    if not file.is_file() or file.suffix != ".py":
+        raise UserError(f"--{option}={spec}: no such Python file {file}; expected path/to/rewards.py:function")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: any error is reported as one line, not a traceback into the recipe
+        raise UserError(f"--{option}={spec}: importing {file} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise UserError(f"--{option}={spec}: {file} has no function {name!r}; expected one of "
+                        f"{', '.join(found) or 'none found'}, called as {name}(prompts, completions, records)")
+    return fn
+
+
+def call_reward_function(fn, prompts: list[str], completions: list[str], records: list[dict],
+                         option: str = "reward_fn") -> list[float]:
+    """fn(prompts, completions, records), checked: one finite number (int or float, not bool) per completion."""
+    import numbers
+
+    values = fn(prompts, completions, records)
+    name = getattr(fn, "__name__", "the reward function")
+    try:
+        values = list(values)
+    except TypeError:
+        raise UserError(f"--{option}: {name} returned {type(values).__name__}; expected a list of one number per "
+                        "completion") from None
+    if len(values) != len(completions):
+        raise UserError(f"--{option}: {name} returned {len(values)} values for {len(completions)} completions; "
+                        "expected one number per completion")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise UserError(f"--{option}: {name} returned {value!r} for completion {i}; expected a finite number")
+    return [float(v) for v in values]
+
+
+@dataclass
+class RewardModel:
+    """A reward model loaded for scoring: the PooledClassifier, its own tokenizer, reward_model.json's settings."""
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict
+    device: torch.device
+
+
+def load_reward_model(folder, device: torch.device, dtype=torch.float32, option: str = "reward_model") -> RewardModel:
+    """The reward model in a cls/reward-qlora out/final folder (adapter + score head, reward_model.json), on the base
+    its adapter_config.json names quantized to NF4 as it trained, frozen, in eval mode."""
+    from common.model import PooledClassifier
+
+    adapter_config = read_adapter_config(folder, option)
+    info = head_info(folder)
+    if info is None or info["file"] != "reward_model.json":
+        raise UserError(f"--{option}={folder}: no reward_model.json there; expected the out/final folder of "
+                        "cls/reward-qlora")
+    base = adapter_config.get("base_model_name_or_path") or ""
+    model_dir = resolve_model_path(base, option=option)
+    model = load_for_inference(model_dir, folder, load_in_4bit=True, num_labels=1, dtype=dtype, device=device)
+    model.requires_grad_(False)
+    tokenizer = load_inference_tokenizer(model_dir, folder)
+    return RewardModel(PooledClassifier(model, info.get("pooling", "last")).eval(), tokenizer, info, device)
+
+
+def reward_model_request(record: Record) -> str | list[dict]:
+    """The user's request in a record, as cls/reward-qlora's pairs hold it: "prompt", instruction + "\\n\\n" + input,
+    "input", or a chat record's messages before the reply (a list)."""
+    data = record.data
+    if "messages" in data:
+        return prompt_messages(record)
+    if "instruction" in data:
+        instruction, extra = require_str(record, "instruction"), data.get("input") or ""
+        return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+    if "prompt" in data:
+        return require_str(record, "prompt")
+    if "input" in data:
+        return require_str(record, "input", allow_empty=True)
+    raise DataError(f"{record.where}: no prompt in fields {sorted(data)}; expected chat {{messages}}, alpaca "
+                    "{instruction, input?}, {input} or {prompt}")
+
+
+def reward_model_text(tokenizer, request: str | list[dict], completion: str, prompt_template: str) -> str:
+    """request + completion as the text the reward model scores, rendered as cls/reward-qlora rendered its pairs
+    (common.data.render_prompt_response); a conversation goes whole through the chat template (its contents joined
+    into one prompt for an Alpaca reward model)."""
+    if isinstance(request, str):
+        return render_prompt_response(tokenizer, request, completion, prompt_template)
+    if len(request) == 1 and request[0]["role"] == "user" or prompt_template != "chat":
+        prompt = "\n\n".join(m["content"] for m in request)
+        return render_prompt_response(tokenizer, prompt, completion, prompt_template)
+    messages = [*request, {"role": "assistant", "content": completion}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(tokenizer.bos_token):] if adds_bos and text.startswith(tokenizer.bos_token) else text
+
+
+def reward_model_scores(reward_model: RewardModel, records: list[Record], completions: list[str], batch_size: int,
+                        max_seq_len: int = 1024) -> list[float]:
+    """The reward model's score of each (record's request, completion), in left-padded batches, read where it was
+    trained to be read (reward_model.json: pooling, EOS appended, prompt template)."""
+    info, tokenizer = reward_model.info, reward_model.tokenizer
+    texts = [reward_model_text(tokenizer, reward_model_request(r), c, info.get("prompt_template", "alpaca"))
+             for r, c in zip(records, completions, strict=True)]
+    ids = [encode_text(tokenizer, t, max_seq_len, info.get("append_eos", True))[0] for t in texts]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            rows = [{"input_ids": i} for i in ids[start:start + batch_size]]
+            batch = collate_left_padded(rows, tokenizer.pad_token_id)
+            batch = {k: v.to(reward_model.device) for k, v in batch.items()}
+            scores += reward_model.model(**batch).squeeze(-1).float().tolist()
+    return scores
+
+
+def score_completions(reward_fn, reward_model: RewardModel | None, prompts: list[str], completions: list[str],
+                      records: list[Record], batch_size: int) -> dict[str, torch.Tensor]:
+    """The rewards of each completion from each source given, {"reward_fn": ..., "reward_model": ...} (float64
+    tensors): the function gets the prompt texts, the completions and the records' data; the reward model scores
+    the records' requests with the completions."""
+    rewards = {}
+    if reward_fn is not None:
+        rewards["reward_fn"] = call_reward_function(reward_fn, prompts, completions, [r.data for r in records])
+    if reward_model is not None:
+        rewards["reward_model"] = reward_model_scores(reward_model, records, completions, batch_size)
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in rewards.items()}
+
+
+def sampling_prompts(records: list[Record], tokenizer, prompt_template: str, max_prompt_len: int) -> list[dict]:
+    """Records as prompts to sample answers to, {ids, text, record}: rendered and tokenized as the sft recipes train
+    (generation_prompt, encode_prompt), cut from the left to max_prompt_len (a BOS kept), and the record with its
+    reference answer under "answer" (its own "answer", else reference_answer; None when it has none)."""
+    prompts = []
+    for record in records:
+        text, add_special = generation_prompt(record, tokenizer, prompt_template)
+        ids = encode_prompt(tokenizer, text, add_special)
+        keep_first = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+        ids = ids[:keep_first] + ids[max(keep_first, len(ids) - max_prompt_len + keep_first):]
+        own = record.data.get("answer")
+        answer = own if isinstance(own, str) else reference_answer(record)
+        prompts.append({"ids": ids, "text": text, "record": Record({**record.data, "answer": answer}, record.where)})
+    return prompts
+
+
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], generation_config,
+                       device) -> tuple[list[list[int]], list[str]]:
+    """One left-padded generate call with the KV cache over all prompts, the model in eval mode meanwhile (then
+    train mode again): each completion's token ids up to and including its first stop token, and its text (special
+    tokens dropped, as generate_texts decodes)."""
+    batch = collate_left_padded([{"input_ids": ids} for ids in prompt_ids], tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(input_ids=batch["input_ids"].to(device), generation_config=generation_config,
+                                   attention_mask=batch["attention_mask"].to(device), use_cache=True)
+    model.train()
+    stops, completions = set(generation_config.eos_token_id), []
+    for row in generated[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        completions.append(row[:end])
+    return completions, [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+
+
+def greedy_eval(model, tokenizer, prompts: list[dict], generation_config, device, sources: dict, batch_size: int,
+                sum_over_ranks=None) -> dict:
+    """Greedy completions of `prompts` (sampling_prompts' dicts; under data parallelism each rank's share) scored:
+    eval_reward (the sources added up; each source's mean too when there are several) and, over the records with a
+    reference answer, eval_exact_match (stripped completion == stripped answer, as tools/evaluate.py compares).
+    sources: {"reward_fn": fn, "reward_model": RewardModel}, either or both; sum_over_ranks(list) -> list adds the
+    counts over ranks (common.runtime.all_reduce_sum), so every rank returns the same numbers."""
+    sums = [0.0] * (3 + len(sources))  # prompts, with an answer, exact matches, each source's reward sum
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        _, texts = sample_completions(model, tokenizer, [p["ids"] for p in batch], generation_config, device)
+        rewards = score_completions(sources.get("reward_fn"), sources.get("reward_model"), [p["text"] for p in batch],
+                                    texts, [p["record"] for p in batch], batch_size)
+        answers = [p["record"].data["answer"] for p in batch]
+        exact = sum(a is not None and t.strip() == a.strip() for t, a in zip(texts, answers, strict=True))
+        counts = [len(batch), sum(a is not None for a in answers), exact, *(float(v.sum()) for v in rewards.values())]
+        sums = [s + c for s, c in zip(sums, counts, strict=True)]
+    n_prompts, n_answered, n_exact, *reward_sums = sum_over_ranks(sums) if sum_over_ranks else sums
+    results = {"eval_reward": sum(reward_sums) / max(n_prompts, 1)}
+    if len(sources) > 1:
+        results.update({f"eval_{name}": value / max(n_prompts, 1) for name, value in zip(sources, reward_sums)})
+    return {**results, "eval_exact_match": n_exact / n_answered} if n_answered else results
+
+
+def prompts_report(files: dict, max_prompt_len: int) -> list[str]:
+    """A recipe's start-up lines for sampling prompts, {name: (path, prompts)}: counts, lengths, how many have a
+    reference answer or were cut, and the first training prompt as rendered."""
+    from common.data import length_summary
+
+    lines = [f"data     {name} {path}: {len(prompts):,} prompts, "
+             f"{sum(p['record'].data['answer'] is not None for p in prompts):,} with a reference answer | "
+             f"{length_summary([{'input_ids': p['ids']} for p in prompts])} | "
+             f"{sum(len(p['ids']) == max_prompt_len for p in prompts)} cut to max_prompt_len"
+             for name, (path, prompts) in files.items() if prompts]
+    return [*lines, f"prompt   {next(iter(files.values()))[1][0]['text']!r}"]
