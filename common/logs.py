@@ -73,7 +73,9 @@ def memory_gb(device: torch.device | list[torch.device]) -> dict:
 
 def format_step(step: int, total: int, values: dict) -> str:
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("lr", "lr {:.1e}"),
+    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"),
+                     ("reward_accuracy", "reward acc {:.3f}"), ("eval_reward_accuracy", "reward acc {:.3f}"),
+                     ("reward_margin", "margin {:.3f}"), ("eval_reward_margin", "margin {:.3f}"), ("lr", "lr {:.1e}"),
                      ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                      ("tokens_per_s_per_gpu", "{:,.0f} tok/s/gpu"), ("mfu", "mfu {:.1%}"),
                      ("mem_gb", "mem {:.2f} GB peak alloc"), ("mem_reserved_gb", "{:.2f} GB peak reserved"),

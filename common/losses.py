@@ -73,6 +73,48 @@ def pairwise_loss_sum(chosen_rewards, rejected_rewards):
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).sum()
 
 
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}  # each paper's (or its common) setting
+
+
+def preference_losses(loss: str, beta: float, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                      reference_chosen=None, reference_rejected=None, simpo_gamma: float = 0.5):
+    """Per-pair losses and implicit rewards (chosen, rejected) of one batch of preference pairs, from the summed
+    log-likelihood of each answer under the policy (and the reference model) and its token count:
+      dpo    -log sigmoid(beta * ((pc - rc) - (pr - rr)))                     (Rafailov et al. 2023)
+      ipo    ((pc - rc)/nc - (pr - rr)/nr - 1 / (2 beta))^2, per-token averages (Azar et al. 2023)
+      simpo  -log sigmoid(beta * (pc/nc - pr/nr) - gamma), reference-free     (Meng et al. 2024)
+      orpo   -pc/nc - beta * log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p/(1 - p) with
+             p = exp(mean token log-prob); the SFT term and the odds ratio in one, reference-free (Hong et al. 2024)
+    The rewards are beta times the log-ratio (or the average log-prob) each loss compares."""
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {loss!r}")
+    pc, pr = chosen_logps.double(), rejected_logps.double()
+    nc, nr = chosen_tokens.double().clamp(min=1), rejected_tokens.double().clamp(min=1)
+    if loss == "dpo":
+        chosen_rewards, rejected_rewards = beta * (pc - reference_chosen), beta * (pr - reference_rejected)
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    elif loss == "ipo":
+        chosen_ratio, rejected_ratio = (pc - reference_chosen) / nc, (pr - reference_rejected) / nr
+        losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+    elif loss == "simpo":
+        chosen_rewards, rejected_rewards = beta * pc / nc, beta * pr / nr
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
+    else:
+        chosen_mean, rejected_mean = (pc / nc).clamp(max=-1e-6), (pr / nr).clamp(max=-1e-6)  # p < 1: finite odds
+        log_odds = (chosen_mean - torch.log1p(-chosen_mean.exp())) - (rejected_mean - torch.log1p(-rejected_mean.exp()))
+        losses = -chosen_mean - beta * F.logsigmoid(log_odds)
+        chosen_rewards, rejected_rewards = beta * chosen_mean, beta * rejected_mean
+    return losses, chosen_rewards, rejected_rewards
+
+
+def reward_accuracy(chosen_rewards, rejected_rewards) -> torch.Tensor:
+    """Per pair: 1 where the chosen answer has the higher implicit reward, 0.5 on a tie (before any update the policy
+    is the reference and every DPO pair ties: a coin flip, not a failure), else 0."""
+    return (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
+
+
 class NonFiniteLoss(UserError):
     """A step's loss or gradient norm is nan or inf (reported as one line: it names the step and what to do)."""
 

@@ -143,32 +143,18 @@ def make_reverse_examples(rng, n, letters="abcdefghij", min_len=3, max_len=6):
     return out
 
 
-def near_miss(rng, answer: list[str], letters: str) -> list[str]:
-    """A wrong answer close to the right one: the input copied unreversed, two neighbours swapped, or one letter
-    changed (never the right answer itself)."""
-    kinds = ["copy", "swap", "change"] if answer != answer[::-1] else ["swap", "change"]
-    while True:
-        kind, wrong = rng.choice(kinds), list(answer)
-        if kind == "copy":
-            wrong = wrong[::-1]
-        elif kind == "swap":
-            i = rng.randrange(len(wrong) - 1)
-            wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-        else:
-            i = rng.randrange(len(wrong))
-            wrong[i] = rng.choice([c for c in letters if c != wrong[i]])
-        if wrong != answer:
-            return wrong
-
-
-def make_reverse_preference_examples(rng, n, letters="abcdefghij", min_len=3, max_len=6):
-    """Preference pairs on the reversal task: chosen is the right reversal, rejected a near miss."""
+def make_reverse_preference_examples(rng, n, letters="abcdefghij", wrong_letters="klmnopqrst", min_len=3, max_len=6):
+    """Preference pairs on the reversal task: chosen is the right reversal, rejected a near miss with one letter
+    wrong, a letter the inputs never use (a near miss the tiny model can learn to tell apart in a minute of CPU;
+    swapped or unreversed letters need a model that has learned to reverse)."""
     out = []
     for _ in range(n):
         s = [rng.choice(letters) for _ in range(rng.randint(min_len, max_len))]
         answer = s[::-1]
+        wrong = list(answer)
+        wrong[rng.randrange(len(wrong))] = rng.choice(wrong_letters)
         out.append({"instruction": "Reverse the letters.", "input": " ".join(s), "chosen": " ".join(answer),
-                    "rejected": " ".join(near_miss(rng, answer, letters))})
+                    "rejected": " ".join(wrong)})
     return out
 
 
@@ -272,7 +258,7 @@ def main():
     write_jsonl(out / "cls/regression_eval.jsonl", make_regression_examples(rng, 120))
     write_jsonl(out / "cls/preference_train.jsonl", make_preference_examples(rng, 400))
     write_jsonl(out / "cls/preference_eval.jsonl", make_preference_examples(rng, 80))
-    write_jsonl(out / "synthetic/reverse_preference_train.jsonl", make_reverse_preference_examples(rng, 1000))
+    write_jsonl(out / "synthetic/reverse_preference_train.jsonl", make_reverse_preference_examples(rng, 320))
     write_jsonl(out / "synthetic/reverse_preference_eval.jsonl", make_reverse_preference_examples(rng, 100))
 
 

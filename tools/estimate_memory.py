@@ -8,6 +8,8 @@ activations and framework overhead, and the host RAM; or the README's "will it f
     python tools/estimate_memory.py --model=65B --method=qlora --layer_split --gpus=2   # one process, --device_map=auto
     python tools/estimate_memory.py --table                 # 7B / 13B / 65B x methods against 24 GB and 80 GB cards
     python tools/estimate_memory.py --model=tiny --method=lora --device=cpu --batch_size=4 --seq_len=512
+    python tools/estimate_memory.py --model=7B --stage=dpo --seq_len=1024 --batch_size=4        # rlhf/dpo-qlora
+    python tools/estimate_memory.py --model=7B --stage=grpo --generations=8 --seq_len=768 --batch_size=2  # grpo-qlora
 
 --model: a size in SHAPES (7B 13B 30B 65B 70B: Llama-1/2, vocabulary 32000, 70B with 8 KV heads), `tiny` (the
 recipes' test Llama), or a config.json (or its folder). Counted, with P parameters, A LoRA parameters (rank r on the
@@ -28,6 +30,13 @@ seven projections of every layer) and n = batch_size x seq_len tokens:
 - total: the sum, except that a full fine-tune with one micro-batch a step (--grad_accum=1) counts the larger of
   gradients and activations: backward makes the one as it frees the other. A card fits when the total is at most
   90% of it (the rest for the caching allocator's fragmentation).
+
+--stage (the rlhf/ recipes; QLoRA and the other LoRA methods): dpo puts the chosen and the rejected answer of each
+of batch_size pairs through together, so 2 x batch_size rows; its reference costs nothing on the GPU (log-probs
+computed once and stored). grpo trains on batch_size prompts x --generations completions of seq_len tokens (prompt +
+completion), so that many rows, and first generates them: the KV cache of those rows (2 x layers x KV width x
+seq_len per row, bf16) and the last position's logits, while the gradients are freed; the larger phase counts. Its
+reference is the base with the adapter switched off, or a second copy of the adapter (counted).
 
 --device=cpu is this repo's CPU path (fp32, torch AdamW, no CUDA context). `python bench/memory_estimate.py
 --measure` trains two steps of 46 configurations (4M-35M parameters; full, LoRA, QLoRA and GPTQ LoRA; with and
@@ -51,6 +60,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64 w
 GPTQ_BITS = 4 + 16 / 128 + 4 / 128  # 4-bit codes, an fp16 scale and a 4-bit zero per group of 128
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}
 METHODS = ("full", "lora", "qlora", "int4-lora")
+STAGES = ("sft", "dpo", "grpo")  # what the rows of a micro-batch are: examples, pairs, or prompts x generations
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 REDUCE_BUCKET, ALLGATHER_BUCKET, PREFETCH_BUCKET = 2e8, 2e8, 5e7  # elements: full-ft-deepspeed-offload/ds_config.json
 CARDS_GIB = (24, 80)
@@ -192,26 +202,28 @@ def recompute_bytes(s: Shape, method: str, tokens: int, lora_dropout: float, r: 
 
 def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stage=0, offload="none", seq_len=1024,
              batch_size=1, gradient_checkpointing=None, gpus=1, lora_r=64, lora_dropout=0.05, layer_split=False,
-             fsdp=False, grad_accum=4, device="cuda") -> dict:
+             fsdp=False, grad_accum=4, device="cuda", stage="sft", generations=8) -> dict:
     """Bytes per GPU (the fullest one) and of host RAM for one training run: the keys of ROWS plus host_offload,
     host_loading, host, params and trainable. Defaults are the recipes': bf16, checkpointing and 8-bit AdamW for the
     LoRA methods on a GPU (torch AdamW under FSDP), 4 micro-batches a step; fp32, AdamW and no checkpointing on CPU."""
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     optimizer = optimizer or ("adamw" if method == "full" or fsdp or device == "cpu" else "adamw_8bit")
     checkpointing = device == "cuda" if gradient_checkpointing is None else gradient_checkpointing
-    check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device)
+    check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device, stage)
     s, lora, fp32 = shape, method != "full", dtype == "fp32"
+    rows = batch_size * {"sft": 1, "dpo": 2, "grpo": generations}[stage]
     wide = 4 if fp32 else 2
     bits = {"qlora": NF4_BITS, "int4-lora": GPTQ_BITS}.get(method, 8 * wide)  # per weight of the projections
     other = 4 if method == "qlora" else wide  # embeddings, head, norms
     adapters = s.lora_params(lora_r) if lora else 0
     trainable = adapters if lora else s.params
-    weights = s.linear_params * bits / 8 + s.other_params * other + 4 * adapters
+    reference_adapter = adapters if stage == "grpo" else 0  # GRPO from an SFT adapter keeps a frozen copy of it
+    weights = s.linear_params * bits / 8 + s.other_params * other + 4 * (adapters + reference_adapter)
     gradients = trainable * (4 if lora else wide)
     # the 8-bit AdamW of bitsandbytes needs a GPU: on CPU common/optim.py falls back to torch's AdamW
     state = OPTIMIZER_BYTES["adamw" if device == "cpu" and optimizer == "adamw_8bit" else optimizer]
     opt = trainable * state + (4 * s.params if not lora and not fp32 else 0)  # + fp32 master weights
-    tokens = batch_size * seq_len
+    tokens = rows * seq_len
     activations = activation_bytes(s, method, tokens, checkpointing, lora_dropout, lora_r, fp32)
     overhead = CUDA_CONTEXT if device == "cuda" else 0.0
     host_offload, host_loading = 0.0, s.params * 2  # the bf16 checkpoint passes through the page cache
@@ -263,15 +275,21 @@ def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stag
         last = recompute_bytes(s, method, tokens, lora_dropout, lora_r, fp32) if checkpointing else 0
         grads_and_acts = max(gradients + step + tokens * s.vocab * wide, activations, gradients + last)
     gradients += step  # shown with the gradients
-    total = weights + opt + overhead + grads_and_acts
+    generation = 0.0
+    if stage == "grpo":  # sampling: the KV cache of every row (K and V of every layer) and the next-token logits
+        kv_layers = math.ceil(s.layers / gpus) if layer_split else s.layers
+        generation = rows * seq_len * kv_layers * 2 * s.kv_dim * wide + rows * s.vocab * 4
+    total = weights + opt + overhead + max(grads_and_acts, generation)
     return {"weights": weights, "gradients": gradients, "optimizer": opt, "activations": activations,
-            "overhead": overhead, "total": total, "host_offload": host_offload, "host_loading": host_loading,
-            "host": host_offload + host_loading, "params": s.params, "trainable": trainable}
+            "generation": generation, "overhead": overhead, "total": total, "host_offload": host_offload,
+            "host_loading": host_loading, "host": host_offload + host_loading, "params": s.params,
+            "trainable": trainable}
 
 
-def check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device):
+def check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device, stage="sft"):
     """One-line UserErrors for values that are unknown or do not go together."""
-    for name, value, valid in (("method", method, METHODS), ("optimizer", optimizer, tuple(OPTIMIZER_BYTES)),
+    for name, value, valid in (("method", method, METHODS), ("stage", stage, STAGES),
+                               ("optimizer", optimizer, tuple(OPTIMIZER_BYTES)),
                                ("dtype", dtype, ("bf16", "fp32")), ("zero_stage", zero_stage, (0, 1, 2, 3)),
                                ("offload", offload, OFFLOADS), ("device", device, ("cuda", "cpu"))):
         if value not in valid:
@@ -286,6 +304,9 @@ def check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_spl
     if method != "full" and (zero_stage or offload not in ("none", "optimizer+params" if fsdp else "none")):
         raise UserError("--zero_stage and --offload are DeepSpeed options of --method=full (and --fsdp takes "
                         "--offload=optimizer+params: sft/fsdp-qlora's --cpu_offload)")
+    if stage != "sft" and (method == "full" or fsdp):
+        raise UserError(f"--stage={stage}: the rlhf/ recipes train LoRA adapters in one process per GPU (DDP); "
+                        "no --method=full or --fsdp")
     if layer_split and fsdp:
         raise UserError("--layer_split and --fsdp are two ways to split a model; choose one")
     if offload != "none" and not fsdp and (zero_stage == 0 or optimizer != "adamw"):
@@ -295,7 +316,8 @@ def check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_spl
 
 
 ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
-        ("activations", "activations"), ("overhead", "framework overhead"), ("total", "total per GPU"))
+        ("activations", "activations"), ("generation", "generation (KV cache)"), ("overhead", "framework overhead"),
+        ("total", "total per GPU"))
 
 
 def fits(total: float) -> list[str]:
@@ -310,7 +332,13 @@ def print_run(shape: Shape, args, r: dict):
 
     print(f"model {shape.name}: {size(r['params'])} parameters, {size(r['trainable'])} trainable | "
           f"{args.method} | {args.device} x {args.gpus}{split} | micro-batch {args.batch_size} x {args.seq_len} tokens")
+    if args.stage != "sft":
+        rows = {"dpo": "2 rows (chosen, rejected) per pair",
+                "grpo": f"{args.generations} completions per prompt; the larger of training and generation counts"}
+        print(f"stage {args.stage}: {rows[args.stage]}")
     for key, label in ROWS:
+        if key == "generation" and args.stage != "grpo":
+            continue
         print(f"  {label if args.device == 'cuda' else label.replace(' per GPU', ''):<20}{r[key] / GB:>9.2f} GB")
     if args.device == "cuda":
         print(f"  {'host RAM':<20}{r['host'] / GB:>9.2f} GB  (offloaded {r['host_offload'] / GB:.1f} GB + loading "
@@ -367,6 +395,8 @@ def main(argv=None):
     p.add_argument("--fsdp", type=parse_bool, nargs="?", const=True, default=False,
                    help="LoRA methods: FSDP shards the model over the GPUs (sft/fsdp-qlora)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu: the repo's fp32 CPU path")
+    p.add_argument("--stage", default="sft", help="sft, dpo (rlhf/dpo-qlora: pairs) or grpo (rlhf/grpo-qlora)")
+    p.add_argument("--generations", type=int, default=8, help="grpo: completions sampled per prompt")
     p.add_argument("--table", action="store_true", help="print the README's will-it-fit table and exit")
     args = p.parse_args(argv)
     with exit_on_user_error():
@@ -375,7 +405,7 @@ def main(argv=None):
         shape = load_shape(args.model)
         r = estimate(shape, args.method, args.optimizer, args.dtype, args.zero_stage, args.offload, args.seq_len,
                      args.batch_size, args.gradient_checkpointing, args.gpus, args.lora_r, args.lora_dropout,
-                     args.layer_split, args.fsdp, args.grad_accum, args.device)
+                     args.layer_split, args.fsdp, args.grad_accum, args.device, args.stage, args.generations)
         print_run(shape, args, r)
 
 

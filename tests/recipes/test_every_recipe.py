@@ -13,7 +13,7 @@ import zstandard
 
 from tests.conftest import REPO, load_recipe, read_jsonl, run_script
 
-RECIPES = sorted(p.parent for kind in ("sft", "cls", "pretrain") for p in (REPO / kind).glob("*/run.sh"))
+RECIPES = sorted(p.parent for kind in ("sft", "cls", "pretrain", "rlhf") for p in (REPO / kind).glob("*/run.sh"))
 IDS = [str(p.relative_to(REPO)) for p in RECIPES]
 
 
@@ -81,7 +81,7 @@ def test_config_json_reruns_a_run_with_the_same_losses(tmp_path):
 @pytest.mark.parametrize("recipe", RECIPES, ids=IDS)
 def test_recipes_do_not_import_each_other(recipe):
     source = (recipe / "train.py").read_text()
-    assert not re.search(r"^\s*(from|import)\s+(sft|cls|pretrain)\b", source, re.M)
+    assert not re.search(r"^\s*(from|import)\s+(sft|cls|pretrain|rlhf)\b", source, re.M)
     assert "sys.path" not in source
 
 
@@ -103,6 +103,14 @@ def user_files(recipe, tmp_path):
         text = [r["output"] for r in read_jsonl(data / "sft" / "train.jsonl")]
         train = [{"text": " ".join(text[i:i + 5])} for i in range(0, 200, 5)]
         evals = [{"text": " ".join(text[i:i + 5])} for i in range(200, 240, 5)]
+    elif recipe.parent.name == "rlhf" and recipe.name.startswith("dpo"):  # text pairs of both prompt kinds
+        train = (read_jsonl(data / "cls" / "preference_train.jsonl")[:8] +
+                 read_jsonl(data / "synthetic" / "reverse_preference_train.jsonl")[:8])
+        evals = (read_jsonl(data / "cls" / "preference_eval.jsonl")[:3] +
+                 read_jsonl(data / "synthetic" / "reverse_preference_eval.jsonl")[:3])
+    elif recipe.parent.name == "rlhf":  # prompts with reference answers
+        train = read_jsonl(data / "synthetic" / "reverse_train.jsonl")[:16]
+        evals = read_jsonl(data / "synthetic" / "reverse_eval.jsonl")[:6]
     elif recipe.name.startswith("reward"):
         train = read_jsonl(data / "cls" / "preference_train.jsonl")[:16]
         evals = read_jsonl(data / "cls" / "preference_eval.jsonl")[:6]

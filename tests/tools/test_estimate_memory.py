@@ -160,3 +160,22 @@ def test_cpu_estimate_is_within_20_percent_of_the_measured_peak(measured, run):
     ratio = r["estimated_bytes"] / r["measured_bytes"]
     assert abs(ratio - 1) <= TOLERANCE, (f"{run}: estimated {r['estimated_bytes'] / 1e6:.0f} MB, measured "
                                          f"{r['measured_bytes'] / 1e6:.0f} MB")
+
+
+def test_dpo_counts_two_rows_per_pair_and_grpo_the_larger_of_training_and_generation():
+    s = em.SHAPES["7B"]
+    sft = em.estimate(s, "qlora", seq_len=512, batch_size=8, lora_r=16)
+    dpo = em.estimate(s, "qlora", seq_len=512, batch_size=4, lora_r=16, stage="dpo")
+    assert dpo == sft  # 4 pairs are 8 rows: the same tensors as 8 SFT examples, and no reference model on the GPU
+    grpo = em.estimate(s, "qlora", seq_len=512, batch_size=1, lora_r=16, stage="grpo", generations=8)
+    kv_cache = 8 * 512 * 32 * 2 * 4096 * 2  # rows x tokens x layers x (K, V) x width x bf16
+    assert grpo["generation"] == kv_cache + 8 * 32000 * 4
+    assert grpo["activations"] == sft["activations"]  # 8 completions of one prompt train as 8 rows
+    assert grpo["weights"] == sft["weights"] + 4 * s.lora_params(16)  # the frozen reference adapter
+    training = grpo["weights"] + grpo["optimizer"] + grpo["overhead"] + grpo["gradients"] + grpo["activations"]
+    assert grpo["total"] == pytest.approx(max(training, training - grpo["gradients"] - grpo["activations"]
+                                              + grpo["generation"]))
+    proc = run_tool("--model=7B", "--stage=ppo")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --stage=ppo: expected one of sft, dpo, grpo"
+    proc = run_tool("--model=7B", "--stage=dpo", "--method=full")
+    assert proc.returncode == 2 and "no --method=full or --fsdp" in proc.stderr
