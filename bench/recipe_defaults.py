@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_SCRIPTS = [p for kind in ("sft", "cls", "pretrain") for p in (REPO / kind).glob("*/run.sh")]
+RUN_SCRIPTS = [p for kind in ("sft", "cls", "pretrain", "rlhf") for p in (REPO / kind).glob("*/run.sh")]
 RECIPES = sorted(str(p.parent.relative_to(REPO)) for p in RUN_SCRIPTS)
 
 
@@ -31,6 +31,8 @@ def result_summary(out: Path, rows: list[dict]) -> str:
             return f"accuracy {r['accuracy']:.2f} (majority {r['baseline_majority']['accuracy']:.2f})"
         if "mse" in r:
             return f"mse {r['mse']:.3f} (mean baseline {r['baseline_mean']['mse']:.3f})"
+        if "eval_reward_accuracy" in r:  # rlhf/dpo-qlora: held-out reward accuracy before and after
+            return f"reward accuracy {r['at_start']['eval_reward_accuracy']:.2f} -> {r['eval_reward_accuracy']:.2f}"
         if "pairwise_accuracy" in r:
             return f"pairwise accuracy {r['pairwise_accuracy']:.2f} (chance 0.50)"
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]

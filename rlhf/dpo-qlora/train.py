@@ -13,16 +13,12 @@ Data (.jsonl, .json, .jsonl.zst): text pairs {"prompt" (or "instruction", "input
 the Alpaca or the chat template as the sft recipes render them; conversational pairs {"chosen": [messages],
 "rejected": [messages]} (HH / UltraFeedback style: the messages both share are the prompt, each goes on with one
 final assistant reply) through the chat template. Only the answers carry loss; long pairs lose prompt tokens first.
-The reference model costs no second copy and no second forward per step: its log-likelihoods of every answer
-(train and eval) are computed once, before the first step, from the starting model (the base, or the base with
---init_adapter), and stored in output_dir/reference_logps.safetensors, which --resume reads back. A reference with
-the adapter disabled would be the bare base, not the SFT model DPO is meant to stay close to; a live frozen copy of
-the adapter would add a forward per step. LoRA dropout defaults to 0 so that the policy starts exactly at the
-reference (loss log 2, every pair tied). SimPO and ORPO need no reference.
-Writes output_dir/: final/ (adapter + tokenizer + generation_config.json: tools/merge_lora.py, generate.py and
-evaluate.py take it), eval_results.json, config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/.
-Memory on a GPU is that of sft/qlora with twice the rows per batch (chosen and rejected go through together):
-python tools/estimate_memory.py --model=/models/Llama-2-7b-hf --method=dpo-qlora --seq_len=1024 --batch_size=4
+The reference costs no second model and no second forward per step: the log-likelihoods of every answer under the
+starting model (the base, or base + --init_adapter) are computed once before step 1 and stored in
+output_dir/reference_logps.safetensors, which --resume reads back (README.md says why). SimPO and ORPO need none.
+Writes output_dir/: final/ (adapter + tokenizer: tools/merge_lora.py, generate.py and evaluate.py take it),
+eval_results.json, config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/. GPU memory: sft/qlora's with
+2 rows per pair (python tools/estimate_memory.py --model=7B --stage=dpo --batch_size=4 --seq_len=1024).
 """
 import contextlib
 import dataclasses
@@ -46,7 +42,6 @@ from common.config import UserError, config_to_dict, exit_on_user_error, parse_c
 from common.data import (
     batch_stream,
     build_preference_pairs,
-    collate_left_padded,
     length_summary,
     plan_batches,
     read_records,
@@ -55,15 +50,7 @@ from common.data import (
 from common.inference import save_generation_config
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import (
-    DEFAULT_BETA,
-    is_finite,
-    loss_window,
-    non_finite_error,
-    preference_losses,
-    reward_accuracy,
-    token_logprobs,
-)
+from common.losses import DEFAULT_BETA, is_finite, non_finite_error, preference_losses, reward_accuracy
 from common.model import (
     add_lora,
     count_parameters,
@@ -73,6 +60,7 @@ from common.model import (
     resolve_model_path,
 )
 from common.optim import make_optimizer, resolve_lr, warmup_cosine
+from common.preference import all_pair_logps, answer_tokens, pair_logps
 from common.runtime import (
     all_reduce_sum,
     catch_stop_signals,
@@ -97,7 +85,7 @@ class Config:
     max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': all free
     lora_r: int = 16  # adapter rank (a fresh adapter; --init_adapter brings its own)
     lora_alpha: int = 32  # adapter scale is alpha / r
-    lora_dropout: float = 0.0  # 0: the policy starts exactly at the stored reference (dropout would move it)
+    lora_dropout: float = 0.0  # also for --init_adapter; 0: the policy starts exactly at the stored reference
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
     # preference loss
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # dpo/ipo against the reference; simpo/orpo need none
@@ -150,43 +138,6 @@ def data_lines(files: dict, tokenizer) -> list[str]:
     return lines
 
 
-def pair_logps(model, pairs: list[dict], batch: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-likelihood of the chosen and of the rejected answer of each pair in `batch`, in one left-padded
-    forward of 2 x len(batch) rows (chosen rows first); logits only over the answer columns."""
-    rows = [{"input_ids": pairs[i][f"{side}_ids"], "labels": pairs[i][f"{side}_labels"]}
-            for side in ("chosen", "rejected") for i in batch]
-    inputs = collate_left_padded(rows, pad_id)
-    window = loss_window(inputs["labels"])  # from the CPU labels: no wait for the GPU
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    labels = inputs.pop("labels")
-    logits = model(**inputs, use_cache=False, logits_to_keep=window).logits
-    logps = token_logprobs(logits, labels.to(logits.device))[0].sum(-1)
-    return logps[: len(batch)], logps[len(batch):]
-
-
-def answer_tokens(pairs: list[dict]) -> torch.Tensor:
-    """[pairs, 2]: the trained tokens of the chosen and the rejected answer (position 0 is never predicted)."""
-    counts = [[sum(t != -100 for t in p[f"{side}_labels"][1:]) for side in ("chosen", "rejected")] for p in pairs]
-    return torch.tensor(counts, dtype=torch.float64)
-
-
-def all_pair_logps(model, pairs: list[dict], batch_size: int, pad_id: int, rt, autocast) -> torch.Tensor:
-    """[pairs, 2] float64 log-likelihoods of every pair's chosen and rejected answer, each rank computing a share;
-    the model in eval mode meanwhile, then back in train mode."""
-    model.eval()
-    logps = torch.zeros(len(pairs), 2, dtype=torch.float64, device=rt.device)
-    device = model.get_input_embeddings().weight.device
-    lengths = [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
-    with torch.no_grad(), autocast:
-        for batch in plan_batches(lengths, batch_size, 0, 0, True)[rt.rank::rt.world_size]:
-            chosen, rejected = pair_logps(model, pairs, batch, pad_id, device)
-            logps[batch] = torch.stack([chosen, rejected], -1).double().to(rt.device)
-    if rt.distributed:  # each pair was done by one rank; the others hold zeros there
-        torch.distributed.all_reduce(logps)
-    model.train()
-    return logps.cpu()
-
-
 def load_or_compute_reference(model, cfg: Config, out: Path, sets: dict, pad_id: int, rt, autocast, log) -> dict:
     """The reference log-likelihoods of every set ({"train": pairs, "eval": pairs}): read from output_dir (a resumed
     run, or a rerun of the same run) or computed now from the starting model and stored, written by rank 0."""
@@ -213,13 +164,19 @@ def load_or_compute_reference(model, cfg: Config, out: Path, sets: dict, pad_id:
     return stored
 
 
+def batch_losses(cfg: Config, beta: float, chosen_logps, rejected_logps, tokens, reference):
+    """preference_losses of a batch: tokens and reference ([pairs, 2], reference None without one) moved to the
+    log-likelihoods' device."""
+    tokens = tokens.to(chosen_logps.device)
+    ref = reference.to(chosen_logps.device) if reference is not None else torch.zeros_like(tokens)
+    return preference_losses(cfg.loss, beta, chosen_logps, rejected_logps, tokens[:, 0], tokens[:, 1], ref[:, 0],
+                             ref[:, 1], cfg.simpo_gamma)
+
+
 def evaluate(model, cfg: Config, beta: float, pairs: list[dict], reference, pad_id: int, rt, autocast) -> dict:
     """Eval loss, reward accuracy and margin, and the answers' mean log-likelihoods over all eval pairs."""
     logps = all_pair_logps(model, pairs, cfg.batch_size, pad_id, rt, autocast)
-    tokens = answer_tokens(pairs)
-    ref = reference if reference is not None else torch.zeros_like(logps)
-    losses, chosen, rejected = preference_losses(cfg.loss, beta, logps[:, 0], logps[:, 1], tokens[:, 0],
-                                                 tokens[:, 1], ref[:, 0], ref[:, 1], cfg.simpo_gamma)
+    losses, chosen, rejected = batch_losses(cfg, beta, logps[:, 0], logps[:, 1], answer_tokens(pairs), reference)
     return {"eval_loss": losses.mean().item(), "eval_reward_accuracy": reward_accuracy(chosen, rejected).mean().item(),
             "eval_reward_margin": (chosen - rejected).mean().item(), "eval_logps_chosen": logps[:, 0].mean().item(),
             "eval_logps_rejected": logps[:, 1].mean().item()}
@@ -294,10 +251,25 @@ def main(cfg: Config) -> dict:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        for module in model.modules():  # its saved dropout would move the policy off the reference: ours instead
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.lora_dropout
     else:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     trainable, total = count_parameters(model)
     pad_id = tokenizer.pad_token_id
+    adapter = f"the SFT adapter {init_adapter}" if init_adapter else f"LoRA r={cfg.lora_r}"
+    reference_note = "reference: the starting model, stored" if uses_reference else "no reference"
+    log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + {adapter} | trainable "
+             f"{trainable:,} / {total:,} params | {cfg.loss} beta {beta:g}, {reference_note} | {precision.reason}")
+    for line in data_lines(files, tokenizer):
+        log.info(line)
+    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
+             f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | "
+             f"device {rt.describe()}")
+    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
+        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
+        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
     # the reference: the starting model's log-likelihoods, before any update and before --resume loads an adapter
     sets = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     reference = load_or_compute_reference(model, cfg, out, sets, pad_id, rt, autocast, log) if uses_reference else {}
@@ -311,18 +283,6 @@ def main(cfg: Config) -> dict:
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
-    adapter = f"the SFT adapter {init_adapter}" if init_adapter else f"LoRA r={cfg.lora_r}"
-    reference_note = "reference: the starting model, stored" if uses_reference else "no reference"
-    log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + {adapter} | trainable "
-             f"{trainable:,} / {total:,} params | {cfg.loss} beta {beta:g}, {reference_note} | {precision.reason}")
-    for line in data_lines(files, tokenizer):
-        log.info(line)
-    log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
-             f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | "
-             f"device {rt.describe()}")
-    if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
-        split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
-        log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
 
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
@@ -343,13 +303,11 @@ def main(cfg: Config) -> dict:
         sums = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, chosen and rejected log-likelihood
         for i, batch in enumerate(chunk):
             sync = i == len(chunk) - 1 or not rt.distributed
-            ref = reference["train"][batch] if uses_reference else torch.zeros(len(batch), 2, dtype=torch.float64)
+            ref = reference["train"][batch] if uses_reference else None
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 chosen_logps, rejected_logps = pair_logps(train_model, train_pairs, batch, pad_id, input_device)
-            pair_losses, chosen, rejected = preference_losses(
-                cfg.loss, beta, chosen_logps, rejected_logps, train_tokens[batch, 0].to(chosen_logps.device),
-                train_tokens[batch, 1].to(chosen_logps.device), ref[:, 0].to(chosen_logps.device),
-                ref[:, 1].to(chosen_logps.device), cfg.simpo_gamma)
+            pair_losses, chosen, rejected = batch_losses(cfg, beta, chosen_logps, rejected_logps, train_tokens[batch],
+                                                         ref)
             # mean over the pairs of the whole step on all ranks (DDP averages gradients, hence * world_size)
             scaler.scale(pair_losses.sum() * rt.world_size / n_pairs).backward()
             sums += torch.stack([pair_losses.sum(), reward_accuracy(chosen, rejected).sum(), (chosen - rejected).sum(),
