@@ -490,21 +490,48 @@ def greedy_eval(model, tokenizer, prompts: list[dict], generation_config, device
     reference answer, eval_exact_match (stripped completion == stripped answer, as tools/evaluate.py compares).
     sources: {"reward_fn": fn, "reward_model": RewardModel}, either or both; sum_over_ranks(list) -> list adds the
     counts over ranks (common.runtime.all_reduce_sum), so every rank returns the same numbers."""
-    sums = [0.0] * (3 + len(sources))  # prompts, with an answer, exact matches, each source's reward sum
+    sums = [0.0] * (5 + len(sources))  # prompts, with an answer, exact matches, answer loss and tokens, each source
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
+        loss_sum, n_tokens = answer_loss_sum(model, tokenizer, batch, device)
         _, texts = sample_completions(model, tokenizer, [p["ids"] for p in batch], generation_config, device)
         rewards = score_completions(sources.get("reward_fn"), sources.get("reward_model"), [p["text"] for p in batch],
                                     texts, [p["record"] for p in batch], batch_size)
         answers = [p["record"].data["answer"] for p in batch]
         exact = sum(a is not None and t.strip() == a.strip() for t, a in zip(texts, answers, strict=True))
-        counts = [len(batch), sum(a is not None for a in answers), exact, *(float(v.sum()) for v in rewards.values())]
+        counts = [len(batch), sum(a is not None for a in answers), exact, loss_sum, n_tokens,
+                  *(float(v.sum()) for v in rewards.values())]
         sums = [s + c for s, c in zip(sums, counts, strict=True)]
-    n_prompts, n_answered, n_exact, *reward_sums = sum_over_ranks(sums) if sum_over_ranks else sums
-    results = {"eval_reward": sum(reward_sums) / max(n_prompts, 1)}
+    n_prompts, n_answered, n_exact, loss_sum, n_tokens, *reward_sums = sum_over_ranks(sums) if sum_over_ranks else sums
+    results = {"eval_loss": loss_sum / n_tokens} if n_tokens else {}
+    results["eval_reward"] = sum(reward_sums) / max(n_prompts, 1)
     if len(sources) > 1:
         results.update({f"eval_{name}": value / max(n_prompts, 1) for name, value in zip(sources, reward_sums)})
     return {**results, "eval_exact_match": n_exact / n_answered} if n_answered else results
+
+
+def answer_loss_sum(model, tokenizer, prompts: list[dict], device) -> tuple[float, int]:
+    """The summed next-token loss of the reference answers (+ EOS) after their prompts, and how many answer tokens,
+    over the prompts (sampling_prompts' dicts) that have one; the model in eval mode meanwhile."""
+    from common.data import IGNORE_INDEX
+    from common.losses import token_loss_sum
+
+    rows = []
+    for p in prompts:
+        if p["record"].data["answer"] is not None:
+            answer = list(tokenizer(p["record"].data["answer"], add_special_tokens=False).input_ids)
+            answer.append(tokenizer.eos_token_id)
+            rows.append({"input_ids": p["ids"] + answer, "labels": [IGNORE_INDEX] * len(p["ids"]) + answer})
+    if not rows:
+        return 0.0, 0
+    batch = collate_left_padded(rows, tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+    model.train(was_training)
+    return float(token_loss_sum(logits, labels.to(logits.device))), int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def prompts_report(files: dict, max_prompt_len: int) -> list[str]:

@@ -2,18 +2,15 @@
 (fresh, or an SFT adapter that keeps training). Each step samples group_size completions of every prompt, scores them
 (a Python reward function, a cls/reward-qlora reward model, or both, added up) and makes the completions that beat
 their group's mean more likely, with a KL penalty to the reference; no value model. README.md: pipeline, options.
-Default run, no GPU, no download (tiny random-init Llama, bundled letter-reversal prompts), about a minute:
-    cd rlhf/grpo-qlora && bash run.sh        (NGPU=N: data-parallel; NNODES, NODE_RANK, MASTER_ADDR: several nodes)
+    bash run.sh        (tiny random-init Llama, bundled reversal prompts, CPU, a minute; NGPU=N: data-parallel)
     bash run.sh --model_path=/models/Llama-2-7b-hf --init_adapter=../../sft/qlora/out/final --data_path=prompts.jsonl \
         --reward_fn=my_rewards.py:score --reward_model=../../cls/reward-qlora/out/final        (a real model, a GPU)
-Per completion token (prompt and pads masked), A = (r - group mean) / (group sample std + 1e-4) (as DeepSeekMath; a
-group of equal rewards gets A = 0: nothing to learn, no division by zero), ratio = exp(logp - logp_old):
+Per completion token (prompt, pads masked), A = (r - group mean) / (group sample std + 1e-4) (DeepSeekMath's; a group
+of equal rewards gets A = 0: nothing to learn, no 0/0), ratio = exp(logp - logp_old) (1 with one update per batch):
     loss = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps) A) + kl_beta (exp(ref - logp) - (ref - logp) - 1)
-summed over the step's completion tokens (all ranks) and divided by their count: every token weighs the same however
-long its completion (a per-completion mean weighs long answers' tokens less), and micro-batches and ranks leave the
-gradient as it is. One update per batch: ratio 1; --updates_per_batch=N takes logp_old before the first of N.
-Writes output_dir/: final/ (adapter, tokenizer, generation_config.json: for tools/merge_lora.py, generate.py,
-evaluate.py), eval_results.json, config.json, metrics.jsonl, tensorboard/, checkpoints/.
+summed over the step's completion tokens (all ranks), divided by their count: every token weighs the same however
+long its answer (a per-completion mean weighs long answers' tokens less), whatever the micro-batches and ranks.
+Writes output_dir/: final/ (adapter, tokenizer, generation_config.json), eval_results.json, metrics.jsonl, checkpoints/.
 """
 import contextlib
 import dataclasses
@@ -69,24 +66,23 @@ class Config:
     lora_dropout: float = 0.0  # 0: the sampled policy and the trained one are the same function (dropout would differ)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
     lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head
-    # rewards (both given: added up)
+    # data and rewards (a reward function, a reward model, or both: added up)
     reward_fn: str = f"{HERE / 'rewards.py'}:score"  # path.py:function(prompts, completions, records) -> floats; ''
     reward_model: str = ""  # a cls/reward-qlora out/final folder (adapter, score head, reward_model.json); '': none
-    # data
     data_path: str = str(HERE.parents[1] / "data/synthetic/reverse_train.jsonl")  # prompt records (see the docstring)
     eval_data_path: str = str(HERE.parents[1] / "data/synthetic/reverse_eval.jsonl")  # held out, answered greedily
     prompt_template: Literal["alpaca", "chat"] = "alpaca"  # chat: the tokenizer's chat template for every record
     max_prompt_len: int = 512  # longer prompts lose tokens from the left (the BOS stays)
     # sampling and the objective
     group_size: int = 8  # completions sampled per prompt (G); advantages are taken within each prompt's group
-    prompts_per_step: int = 4  # prompts per step per rank: prompts_per_step * group_size completions per rank
+    batch_size: int = 4  # prompts per micro-batch per rank; the micro-batch's rows are their batch_size * group_size
     max_new_tokens: int = 16  # most tokens per completion (the synthetic answers take at most 12)
     temperature: float = 1.0  # sampling temperature; the log-probs are taken at the same temperature
     kl_beta: float = 0.04  # weight of the k3 KL estimate to the reference (DeepSeekMath: 0.04); 0: no reference pass
     clip_eps: float = 0.2  # the ratio is clipped to [1 - eps, 1 + eps] (PPO)
     updates_per_batch: int = 1  # optimizer updates per generation batch (GRPO's mu); > 1: the clip acts
     scale_rewards: bool = True  # divide the group-centred rewards by the group's std (GRPO); false: centred only
-    micro_batch_size: int = 16  # completions per forward/backward (memory only: the step's gradient is the same)
+    grad_accum: int = 1  # micro-batches per step: batch_size * grad_accum prompts sampled per rank and step
     # optimization
     max_steps: int = 30  # steps, each one generation batch and updates_per_batch optimizer updates
     lr: float | None = None  # peak lr; none: 1e-5 for a real base (GRPO + LoRA: 1e-6..5e-5), 2e-4 on 'tiny'
@@ -108,12 +104,12 @@ class Config:
 
 def refuse_bad_options(cfg: Config):
     """The settings GRPO cannot run with, each as one line naming the option."""
-    for name, least in {"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1, "updates_per_batch": 1,
-                        "micro_batch_size": 1, "max_prompt_len": 2, "max_steps": 1, "kl_beta": 0}.items():
+    for name, least in {"group_size": 2, "batch_size": 1, "max_new_tokens": 1, "updates_per_batch": 1,
+                        "grad_accum": 1, "max_prompt_len": 2, "max_steps": 1, "kl_beta": 0}.items():
         if getattr(cfg, name) < least:
             raise UserError(f"--{name}={getattr(cfg, name)}: expected at least {least}")
     if not cfg.reward_fn and not cfg.reward_model:
-        raise UserError("no reward: give --reward_fn=path.py:function, --reward_model=cls/reward-qlora/out/final or both")
+        raise UserError("no reward: give --reward_fn=file.py:function, --reward_model=reward-qlora out/final, or both")
 
 
 @contextlib.contextmanager
@@ -132,8 +128,7 @@ def reference_policy(model):
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean of its group) / (sample std of its group + eps) for consecutive groups of group_size rewards; only
-    centred when not scale."""
+    """(r - group mean) / (group sample std + eps) over consecutive groups of group_size; only centred if not scale."""
     groups = rewards.double().view(-1, group_size)
     centred = groups - groups.mean(1, keepdim=True)
     return (centred / (groups.std(1, keepdim=True) + eps) if scale else centred).view(-1)
@@ -151,8 +146,7 @@ def grpo_token_losses(logps, old_logps, ref_logps, advantages, clip_eps: float, 
 
 
 def completion_logps(model, rows: list[dict], pad_id: int, device, temperature: float):
-    """Log-probs of the completion tokens of rows ({input_ids: prompt + completion, labels: the completion, -100 on
-    the prompt}) and where they are, [rows, window]; logits only over the completion columns."""
+    """Log-probs and mask of rows' completion tokens (labels: the completion, -100 on the prompt), logits only there."""
     batch = collate_left_padded(rows, pad_id)
     window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
     labels = batch.pop("labels")
@@ -173,8 +167,7 @@ def frozen_logps(model, micro: list, cfg: Config, pad_id: int, device, autocast)
 
 def policy_update(train_model, micro: list, old: list | None, ref: list | None, n_trained: float, cfg: Config,
                   pad_id: int, device, rt, scaler, autocast) -> torch.Tensor:
-    """Forward and backward over the step's micro-batches ((rows, advantages) each; gradients summed, DDP synced on
-    the last); returns this rank's sums of the masked loss, k3 KL and clipped tokens."""
+    """Forward and backward over the micro-batches (rows, advantages); this rank's loss, k3 KL and clipped sums."""
     sums = torch.zeros(3, dtype=torch.float64)
     for i, (rows, advantages) in enumerate(micro):
         sync = i == len(micro) - 1 or not rt.distributed
@@ -220,6 +213,8 @@ def load_policy(cfg: Config, model_dir: Path, init_adapter: Path | None, dtype, 
     model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     if cfg.kl_beta > 0:
         model.load_adapter(init_adapter, adapter_name="reference", is_trainable=False)
+    for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):  # the log-probs in train mode
+        dropout.p = cfg.lora_dropout  # are those of the policy that sampled (eval mode) only without dropout
     return model
 
 
@@ -250,9 +245,9 @@ def main(cfg: Config) -> dict:
     sources = {"reward_fn": load_reward_function(cfg.reward_fn)} if cfg.reward_fn else {}
 
     def plan(epoch):  # this rank's prompts of one epoch, in full batches (every rank the same number of rows)
-        batches = plan_batches([len(p["ids"]) for p in train_prompts], cfg.prompts_per_step, cfg.seed, epoch, False,
-                               rt.rank, rt.world_size)
-        return [b for b in batches if len(b) == cfg.prompts_per_step] or batches
+        batches = plan_batches([len(p["ids"]) for p in train_prompts], cfg.batch_size * cfg.grad_accum, cfg.seed,
+                               epoch, False, rt.rank, rt.world_size)
+        return [b for b in batches if len(b) == cfg.batch_size * cfg.grad_accum] or batches
 
     total_steps = cfg.max_steps
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
@@ -283,19 +278,20 @@ def main(cfg: Config) -> dict:
              f"{trainable:,} / {total:,} params | KL reference {reference} | {precision.reason}")
     files = {"train": (cfg.data_path, train_prompts), "eval": (cfg.eval_data_path, eval_prompts)}
     log.info("\n".join([*prompts_report(files, cfg.max_prompt_len), f"rewards  {cfg.reward_fn} {cfg.reward_model}"]))
-    log.info(f"steps    {total_steps} x {cfg.prompts_per_step} prompts x {cfg.group_size} completions x "
-             f"{rt.world_size} ranks, {cfg.updates_per_batch} update(s) each, lr {lr.description} | {rt.describe()}")
+    log.info(f"steps    {total_steps} x {cfg.batch_size} prompts x {cfg.group_size} completions x {cfg.grad_accum} "
+             f"accum x {rt.world_size} ranks, {cfg.updates_per_batch} update(s) each, lr {lr.description} | "
+             f"{rt.describe()}")
 
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step)  # resume: past the prompts already used
     sampling = make_generation_config(model, tokenizer, cfg.max_new_tokens, True, cfg.temperature, 1.0, 0)
     greedy = make_generation_config(model, tokenizer, cfg.max_new_tokens)
-    pad_id, mb = tokenizer.pad_token_id, cfg.micro_batch_size
+    pad_id, mb = tokenizer.pad_token_id, cfg.batch_size * cfg.group_size  # rows of a micro-batch
 
     def evaluate():  # greedy answers to this rank's share of the eval prompts; every rank gets the same results
         with autocast:
             return greedy_eval(model, tokenizer, eval_prompts[rt.rank::rt.world_size], greedy, input_device, sources,
-                               cfg.prompts_per_step * cfg.group_size, functools.partial(all_reduce_sum, runtime=rt))
+                               mb, functools.partial(all_reduce_sum, runtime=rt))
 
     first_eval = None
     if eval_prompts and start_step == 0:
@@ -363,8 +359,7 @@ def main(cfg: Config) -> dict:
                 "gen_tokens_per_s": n_trained / rt.world_size / (t1 - t0),
                 "train_tokens_per_s": n_tokens * forwards / rt.world_size / (t3 - t2), **memory_gb(devices)})
         if eval_prompts and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            results = evaluate()
-            log_values(log, step, total_steps, results)
+            log_values(log, step, total_steps, evaluate())
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             save_adapter = functools.partial(model.save_pretrained, selected_adapters=["default"])
@@ -395,8 +390,8 @@ def main(cfg: Config) -> dict:
              f"GB; adapter and tokenizer in {final_dir}, metrics in {out / 'metrics.jsonl'}")
     log.close()
     cleanup(rt)
-    return {"model": model, "tokenizer": tokenizer, "losses": losses, "rewards": rewards_seen, "eval": results,
-            "first_eval": first_eval, "final_dir": final_dir, "steps": total_steps - start_step}
+    return {"model": model, "losses": losses, "rewards": rewards_seen, "eval": results, "first_eval": first_eval,
+            "final_dir": final_dir, "steps": total_steps - start_step}
 
 
 if __name__ == "__main__":
