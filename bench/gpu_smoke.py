@@ -48,6 +48,7 @@ RECIPES = (
     ("cls/peft-int4", "cls/peft-int4", (), ("gptqmodel", "optimum"), 50, 3),
     ("sft/fsdp-qlora", "sft/fsdp-qlora", (), ("bitsandbytes",), 60, 3),
     ("pretrain/fsdp", "pretrain/fsdp", (), (), 45, 4),
+    ("rlhf/dpo-qlora", "rlhf/dpo-qlora", (), ("bitsandbytes",), 40, 5),
 )
 
 
@@ -90,7 +91,7 @@ def recipe_step(folder, name, extra, needs, limit, work: Path) -> Step:
 def build_plan(work: Path, python: str = "python") -> list[list[list[Step]]]:
     """Phases, each a list of lanes, each a list of steps."""
     model_1b, data_2048 = work / "models" / "llama3.2-1b", work / "data" / "sft_2048.jsonl"
-    lanes: dict[int, list[Step]] = {1: [], 2: [], 3: [], 4: []}
+    lanes: dict[int, list[Step]] = {1: [], 2: [], 3: [], 4: [], 5: []}
     for folder, name, extra, needs, limit, lane in RECIPES:
         lanes[lane].append(recipe_step(folder, name, extra, needs, limit, work))
     lanes[4] = [
@@ -122,7 +123,7 @@ def build_plan(work: Path, python: str = "python") -> list[list[list[Step]]]:
     qlora_65b = Step("QLoRA 65B peak memory, seq 2048, batch 1", "d", 50,
                      [python, "bench/gpu_models.py", "qlora", "--shape=65b", f"--seq_len={SEQ}", "--steps=2",
                       "--checkpointing=true"], "qlora", ("bitsandbytes",))
-    return [[lanes[1], lanes[2], lanes[3], lanes[4]], [[peers]], [[fsdp]], [[qlora_8b]], [[qlora_65b]]]
+    return [[lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]], [[peers]], [[fsdp]], [[qlora_8b]], [[qlora_65b]]]
 
 
 def select(plan, parts: set[str]):
