@@ -19,7 +19,7 @@
 #       (bench/gpu_models.py qlora): tok/s and peak memory, sequence 2,048, batch 1, checkpointing on and off, beside
 #       tools/estimate_memory.py's figure
 #   d   the same at 65B, checkpointing on, against the 2 x 24 GB promise (skipped when the budget is spent)
-# The tiny recipe runs, the padding tests and the 1B preparation run in four lanes at once; every step has its own
+# The tiny recipe runs, the padding tests and the 1B preparation run in five lanes at once; every step has its own
 # time limit (bench/gpu_smoke.py --dry-run lists them) and is killed with its children when it runs over.
 #
 # Usage:   bash bench/gpu_smoke.sh [--dry-run] [--only=a,a2,b,c,d]
