@@ -461,7 +461,8 @@ def sampling_prompts(records: list[Record], tokenizer, prompt_template: str, max
         ids = ids[:keep_first] + ids[max(keep_first, len(ids) - max_prompt_len + keep_first):]
         own = record.data.get("answer")
         answer = own if isinstance(own, str) else reference_answer(record)
-        prompts.append({"ids": ids, "text": text, "record": Record({**record.data, "answer": answer}, record.where)})
+        prompts.append({"ids": ids, "text": text, "add_special": add_special,
+                        "record": Record({**record.data, "answer": answer}, record.where)})
     return prompts
 
 
@@ -517,11 +518,14 @@ def answer_loss_sum(model, tokenizer, prompts: list[dict], device) -> tuple[floa
     from common.losses import token_loss_sum
 
     rows = []
-    for p in prompts:
-        if p["record"].data["answer"] is not None:
-            answer = list(tokenizer(p["record"].data["answer"], add_special_tokens=False).input_ids)
-            answer.append(tokenizer.eos_token_id)
-            rows.append({"input_ids": p["ids"] + answer, "labels": [IGNORE_INDEX] * len(p["ids"]) + answer})
+    for p in (p for p in prompts if p["record"].data["answer"] is not None):
+        # tokenized after its prompt, as the sft recipes tokenize it (a word's first piece differs after a newline)
+        whole = encode_prompt(tokenizer, p["text"] + p["record"].data["answer"], p["add_special"])
+        prompt = encode_prompt(tokenizer, p["text"], p["add_special"])
+        answer = whole[len(prompt):] if whole[:len(prompt)] == prompt else list(tokenizer(
+            p["record"].data["answer"], add_special_tokens=False).input_ids)
+        answer.append(tokenizer.eos_token_id)
+        rows.append({"input_ids": p["ids"] + answer, "labels": [IGNORE_INDEX] * len(p["ids"]) + answer})
     if not rows:
         return 0.0, 0
     batch = collate_left_padded(rows, tokenizer.pad_token_id)

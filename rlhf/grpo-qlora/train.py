@@ -298,7 +298,7 @@ def main(cfg: Config) -> dict:
         first_eval = evaluate()
         log_values(log, 0, total_steps, first_eval)
     model.train()
-    train_seconds, losses, rewards_seen = 0.0, [], []
+    train_seconds, tokens_seen, losses, rewards_seen = 0.0, 0, [], []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
@@ -343,7 +343,7 @@ def main(cfg: Config) -> dict:
             totals, updates = totals + sums, updates + 1
         scheduler.step()
         t3 = time.perf_counter()
-        train_seconds += t3 - t0
+        train_seconds, tokens_seen = train_seconds + t3 - t0, tokens_seen + int(n_tokens)
         log.advance()
         loss, kl, clip_fraction = (totals / max(n_trained * updates, 1)).tolist()  # per token, over the updates
         reward_mean = reward_sum / n_rows
@@ -386,8 +386,8 @@ def main(cfg: Config) -> dict:
         if rt.is_main:
             report = {"step": total_steps, "prompts": len(eval_prompts), **results, "at_start": first_eval}
             (out / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, peak mem {peak_memory_gb(devices):.2f} "
-             f"GB; adapter and tokenizer in {final_dir}, metrics in {out / 'metrics.jsonl'}")
+    log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
+             f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")
     log.close()
     cleanup(rt)
     return {"model": model, "losses": losses, "rewards": rewards_seen, "eval": results, "first_eval": first_eval,
