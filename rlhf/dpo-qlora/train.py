@@ -139,12 +139,12 @@ def data_lines(files: dict, tokenizer) -> list[str]:
 
 
 def load_or_compute_reference(model, cfg: Config, out: Path, sets: dict, pad_id: int, rt, autocast, log) -> dict:
-    """The reference log-likelihoods of every set ({"train": pairs, "eval": pairs}): read from output_dir (a resumed
-    run, or a rerun of the same run) or computed now from the starting model and stored, written by rank 0."""
+    """The reference log-likelihoods of every set ({"train": pairs, "eval": pairs}): read back from output_dir by a
+    --resume (its adapter has trained since), else computed now from the starting model and stored by rank 0."""
     from safetensors.torch import load_file, save_file
 
     path = out / REFERENCE_FILE
-    if path.is_file():
+    if cfg.resume and path.is_file():
         stored = load_file(path)
         for name, pairs in sets.items():
             if tuple(stored.get(name, torch.empty(0)).shape) != (len(pairs), 2):
