@@ -472,10 +472,11 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], generation
     train mode again): each completion's token ids up to and including its first stop token, and its text (special
     tokens dropped, as generate_texts decodes)."""
     batch = collate_left_padded([{"input_ids": ids} for ids in prompt_ids], tokenizer.pad_token_id)
+    generation_config.use_cache = True  # the KV cache: each new token attends to the cached keys and values
     model.eval()
     with torch.no_grad():
         generated = model.generate(input_ids=batch["input_ids"].to(device), generation_config=generation_config,
-                                   attention_mask=batch["attention_mask"].to(device), use_cache=True)
+                                   attention_mask=batch["attention_mask"].to(device))
     model.train()
     stops, completions = set(generation_config.eos_token_id), []
     for row in generated[:, batch["input_ids"].shape[1]:].tolist():

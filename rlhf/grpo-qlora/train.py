@@ -85,7 +85,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per step: batch_size * grad_accum prompts sampled per rank and step
     # optimization
     max_steps: int = 30  # steps, each one generation batch and updates_per_batch optimizer updates
-    lr: float | None = None  # peak lr; none: 1e-5 for a real base (GRPO + LoRA: 1e-6..5e-5), 2e-4 on 'tiny'
+    lr: float | None = None  # peak lr; none: 1e-5 for a real base (GRPO + LoRA: 1e-6..5e-5), 5e-5 on 'tiny'
     warmup_ratio: float = 0.0  # fraction of steps with linear warmup, then cosine decay to 10%
     max_grad_norm: float = 1.0  # gradient clipping
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"  # 8-bit ones need a GPU
@@ -221,7 +221,7 @@ def load_policy(cfg: Config, model_dir: Path, init_adapter: Path | None, dtype, 
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
-    lr = resolve_lr(cfg.lr, cfg.model_path, real_base_lr=1e-5, tiny_lr=2e-4)
+    lr = resolve_lr(cfg.lr, cfg.model_path, real_base_lr=1e-5, tiny_lr=5e-5)
     cfg = dataclasses.replace(cfg, lr=lr.value)  # config.json records the rate used
     refuse_bad_options(cfg)
     rt = setup_runtime(cfg.seed)
