@@ -9,6 +9,10 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(cd "$HERE/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
+# one CPU thread per process unless told otherwise (torchrun does the same for each rank): sampling is many small
+# steps, and on CPU a second thread mostly waits; on a busy 2-core machine it made the default run 13x slower
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -76,7 +76,7 @@ class Config:
     # sampling and the objective
     group_size: int = 8  # completions sampled per prompt (G); advantages are taken within each prompt's group
     batch_size: int = 4  # prompts per micro-batch per rank; the micro-batch's rows are their batch_size * group_size
-    max_new_tokens: int = 16  # most tokens per completion (the synthetic answers take at most 12)
+    max_new_tokens: int = 16  # most tokens per completion (the bundled answers need at most 7 with EOS)
     temperature: float = 1.0  # sampling temperature; the log-probs are taken at the same temperature
     kl_beta: float = 0.04  # weight of the k3 KL estimate to the reference (DeepSeekMath: 0.04); 0: no reference pass
     clip_eps: float = 0.2  # the ratio is clipped to [1 - eps, 1 + eps] (PPO)
@@ -84,7 +84,7 @@ class Config:
     scale_rewards: bool = True  # divide the group-centred rewards by the group's std (GRPO); false: centred only
     grad_accum: int = 1  # micro-batches per step: batch_size * grad_accum prompts sampled per rank and step
     # optimization
-    max_steps: int = 30  # steps, each one generation batch and updates_per_batch optimizer updates
+    max_steps: int = 20  # steps, each one generation batch and updates_per_batch optimizer updates
     lr: float | None = None  # peak lr; none: 1e-5 for a real base (GRPO + LoRA: 1e-6..5e-5), 5e-5 on 'tiny'
     warmup_ratio: float = 0.0  # fraction of steps with linear warmup, then cosine decay to 10%
     max_grad_norm: float = 1.0  # gradient clipping
