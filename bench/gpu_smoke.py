@@ -49,6 +49,7 @@ RECIPES = (
     ("sft/fsdp-qlora", "sft/fsdp-qlora", (), ("bitsandbytes",), 60, 3),
     ("pretrain/fsdp", "pretrain/fsdp", (), (), 45, 4),
     ("rlhf/dpo-qlora", "rlhf/dpo-qlora", (), ("bitsandbytes",), 40, 5),
+    ("rlhf/grpo-qlora", "rlhf/grpo-qlora", (), ("bitsandbytes",), 60, 5),
 )
 
 

@@ -15,7 +15,8 @@ SFT_EVAL = REPO / "data" / "sft" / "eval.jsonl"
 CLS_EVAL = REPO / "data" / "cls" / "eval.jsonl"
 
 ADAPTER_RECIPES = {"sft/qlora": "sft", "sft/fsdp-qlora": "sft", "sft/peft-int4": "sft", "cls/qlora": "classification",
-                   "cls/peft-int4": "classification", "cls/reward-qlora": "reward", "rlhf/dpo-qlora": "sft"}
+                   "cls/peft-int4": "classification", "cls/reward-qlora": "reward", "rlhf/dpo-qlora": "sft",
+                   "rlhf/grpo-qlora": "sft"}
 FULL_RECIPES = {"sft/full-ft-deepspeed-offload": "sft", "cls/full-ft-deepspeed-offload": "classification",
                 "pretrain/deepspeed": "lm", "pretrain/fsdp": "lm"}
 
