@@ -316,10 +316,11 @@ def exit_on_user_error():
 
 
 def close_process_group():
-    """Destroy this rank's process group, if one is up, before exiting on an error: left to the interpreter's
-    shutdown, gloo's threads can abort the process (SIGABRT, 'terminate called without an active exception') instead
-    of letting it exit 2. Local only: it waits for no other rank."""
+    """Destroy this rank's process group before exiting on an error, when there is one of several ranks: left to the
+    interpreter's shutdown, gloo's threads can abort the process (SIGABRT, 'terminate called without an active
+    exception') instead of letting it exit 2. Local only: it waits for no other rank. A one-process group stays (a
+    DeepSpeed run in a test's process keeps using its groups after a tool's error)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.destroy_process_group()
