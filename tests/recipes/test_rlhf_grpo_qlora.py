@@ -208,3 +208,26 @@ def test_reward_model_path_end_to_end(tmp_path):
     assert set(result["eval"]) == expected and math.isfinite(result["eval"]["eval_loss"])
     assert (result["final_dir"] / "adapter_model.safetensors").is_file()
     assert not (result["final_dir"] / "reference").exists()
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
+    from common.losses import NonFiniteLoss
+
+    real, calls = grpo.grpo_token_losses, {"count": 0}
+
+    def nan_on_third_call(*args, **kwargs):  # the first micro-batch of step 2 (grad_accum=2 in FAST)
+        calls["count"] += 1
+        losses, *rest = real(*args, **kwargs)
+        return (losses * float("nan") if calls["count"] == 3 else losses), *rest
+
+    monkeypatch.setattr(grpo, "grpo_token_losses", nan_on_third_call)
+    args = ["--max_steps=3", "--save_every=1", "--log_every=1"]
+    with one_thread():
+        with pytest.raises(NonFiniteLoss, match=r"step 2: loss nan, .*stopped before updating the weights \(last "
+                                                r"checkpoint: .*step_00000001\)"):
+            run_main(tmp_path / "stop", *args)
+        calls["count"] = 0
+        result = run_main(tmp_path / "skip", *args, "--on_nan=skip")
+    assert [r["step"] for r in read_metrics(tmp_path / "skip") if "loss" in r] == [1, 3]
+    assert all(math.isfinite(x) for x in result["losses"]) and len(result["losses"]) == 2
