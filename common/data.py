@@ -588,6 +588,13 @@ def build_cls_examples(records, tokenizer, max_seq_len: int, task: str, labels: 
     return examples, stats
 
 
+def without_template_bos(tokenizer, text: str) -> str:
+    """A chat-template rendering without the BOS it starts with, when the tokenizer adds one itself (else the text
+    would get two). SmolLM2's BOS is <|im_start|>, the start of every ChatML turn, and it adds none: kept there."""
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(tokenizer.bos_token):] if adds_bos and text.startswith(tokenizer.bos_token) else text
+
+
 def render_prompt_response(tokenizer, prompt: str, response: str, prompt_template: str) -> str:
     """A (prompt, response) pair as the text a reward model scores: the Alpaca prompt or the chat template."""
     if prompt_template == "chat":
@@ -595,10 +602,7 @@ def render_prompt_response(tokenizer, prompt: str, response: str, prompt_templat
             raise ValueError("prompt_template 'chat' needs a tokenizer with a chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}], tokenize=False)
-        # a template that writes BOS itself would get a second one from the tokenizer: drop it only when the
-        # tokenizer adds one (SmolLM2's BOS is <|im_start|>, the start of every ChatML turn, and it adds none)
-        adds_bos = tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
-        return text[len(tokenizer.bos_token):] if adds_bos and text.startswith(tokenizer.bos_token) else text
+        return without_template_bos(tokenizer, text)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt) + response
 
 

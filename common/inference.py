@@ -28,6 +28,7 @@ from common.data import (
     end_of_turn_ids,
     render_prompt_response,
     require_str,
+    without_template_bos,
 )
 from common.model import load_model, load_tokenizer, resolve_model_path
 
@@ -413,9 +414,7 @@ def reward_model_text(tokenizer, request: str | list[dict], completion: str, pro
         prompt = "\n\n".join(m["content"] for m in request)
         return render_prompt_response(tokenizer, prompt, completion, prompt_template)
     messages = [*request, {"role": "assistant", "content": completion}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
-    return text[len(tokenizer.bos_token):] if adds_bos and text.startswith(tokenizer.bos_token) else text
+    return without_template_bos(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
 
 def reward_model_scores(reward_model: RewardModel, records: list[Record], completions: list[str], batch_size: int,
