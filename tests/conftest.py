@@ -9,6 +9,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's command runs two pytest-xdist workers on CI's 2 cores: each worker, and every run it starts, keeps
+    # to one thread (two workers of 2 threads each spin against each other: runs up to 10x slower were measured)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -208,8 +208,9 @@ def test_logits_only_over_the_answers_give_the_same_loss_and_gradients(tiny_dir,
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     if target.dtype == torch.float32:
         assert results[1][0].item() == pytest.approx(results[0][0].item(), rel=1e-6)
-        for name, grad in results[0][1].items():
-            torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        for name, grad in results[0][1].items():  # the summed loss's gradients are O(1); one thread sums the
+            # embedding rows in another order than two (measured: 8 of 524,288 elements 2.7e-6 apart)
+            torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5, msg=f"{name} differs")
         return
     assert_close(results[1][0], results[0][0], target, atol=0, msg="loss")
     for name, grad in results[0][1].items():
