@@ -67,3 +67,19 @@ def read_jsonl(path) -> list[dict]:
 def read_metrics(out) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return read_jsonl(Path(out) / "metrics.jsonl")
+
+
+def nan_on_call(n, real):
+    """A loss function that is `real` except on its n-th call (the n-th micro-batch), where its loss is nan; for a
+    function that returns a tuple (losses, *more), the first element."""
+    calls = {"count": 0}
+
+    def loss(*a, **k):
+        calls["count"] += 1
+        value = real(*a, **k)
+        if calls["count"] != n:
+            return value
+        if isinstance(value, tuple):
+            return (value[0] * float("nan"), *value[1:])
+        return value * float("nan")
+    return loss

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, load_recipe, read_jsonl, read_metrics, run_script
+from tests.conftest import REPO, load_recipe, nan_on_call, read_jsonl, read_metrics, run_script
 
 RECIPE = REPO / "rlhf" / "dpo-qlora"
 dpo = load_recipe(RECIPE)
@@ -139,19 +139,12 @@ def test_two_ranks_compute_the_reference_of_one_and_train(few_pairs, tmp_path):
 def test_a_nan_loss_stops_before_the_update_or_is_skipped(few_pairs, tmp_path, monkeypatch):
     from common.losses import NonFiniteLoss, preference_losses
 
-    calls = {"count": 0}
-
-    def nan_on_second_batch(*args, **kwargs):
-        calls["count"] += 1
-        losses, chosen, rejected = preference_losses(*args, **kwargs)
-        return (losses * float("nan") if calls["count"] == 2 else losses), chosen, rejected
-
-    monkeypatch.setattr(dpo, "preference_losses", nan_on_second_batch)
     args = [f"--data_path={few_pairs}", "--max_steps=3", "--save_every=1"]
+    monkeypatch.setattr(dpo, "preference_losses", nan_on_call(2, preference_losses))  # the batch of step 2
     with pytest.raises(NonFiniteLoss, match=r"step 2: loss nan, .*stopped before updating the weights \(last "
                                             r"checkpoint: .*step_00000001\)"):
         run_main(tmp_path / "stop", *args)
-    calls["count"] = 0
+    monkeypatch.setattr(dpo, "preference_losses", nan_on_call(2, preference_losses))
     result = run_main(tmp_path / "skip", *args, "--on_nan=skip")
     assert [r["step"] for r in read_metrics(tmp_path / "skip") if "loss" in r] == [1, 3]
     assert all(math.isfinite(x) for x in result["losses"]) and len(result["losses"]) == 2

@@ -9,7 +9,7 @@ import torch
 
 from common.inference import load_reward_function
 from common.runtime import Runtime
-from tests.conftest import REPO, load_recipe, read_metrics, run_script
+from tests.conftest import REPO, load_recipe, nan_on_call, read_metrics, run_script
 from tests.tools.conftest import load_tool, one_thread
 
 RECIPE = REPO / "rlhf" / "grpo-qlora"
@@ -214,20 +214,15 @@ def test_reward_model_path_end_to_end(tmp_path):
 def test_a_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
     from common.losses import NonFiniteLoss
 
-    real, calls = grpo.grpo_token_losses, {"count": 0}
-
-    def nan_on_third_call(*args, **kwargs):  # the first micro-batch of step 2 (grad_accum=2 in FAST)
-        calls["count"] += 1
-        losses, *rest = real(*args, **kwargs)
-        return (losses * float("nan") if calls["count"] == 3 else losses), *rest
-
-    monkeypatch.setattr(grpo, "grpo_token_losses", nan_on_third_call)
+    real = grpo.grpo_token_losses
     args = ["--max_steps=3", "--save_every=1", "--log_every=1"]
     with one_thread():
+        # the third call: the first micro-batch of step 2 (grad_accum=2 in FAST)
+        monkeypatch.setattr(grpo, "grpo_token_losses", nan_on_call(3, real))
         with pytest.raises(NonFiniteLoss, match=r"step 2: loss nan, .*stopped before updating the weights \(last "
                                                 r"checkpoint: .*step_00000001\)"):
             run_main(tmp_path / "stop", *args)
-        calls["count"] = 0
+        monkeypatch.setattr(grpo, "grpo_token_losses", nan_on_call(3, real))
         result = run_main(tmp_path / "skip", *args, "--on_nan=skip")
     assert [r["step"] for r in read_metrics(tmp_path / "skip") if "loss" in r] == [1, 3]
     assert all(math.isfinite(x) for x in result["losses"]) and len(result["losses"]) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, load_recipe, read_metrics, run_script
+from tests.conftest import REPO, load_recipe, nan_on_call, read_metrics, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs a recipe, in-process or through run.sh
 
@@ -57,17 +57,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(recipe, args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"at step {step}" in proc.stdout and (out / "final").is_dir()
     assert [r["step"] for r in read_metrics(out) if "loss" in r][-2:] == [step + 1, step + 2]
-
-
-def nan_on_call(n, real):
-    """A loss function that returns nan on its n-th call (the n-th micro-batch) and is `real` otherwise."""
-    calls = {"count": 0}
-
-    def loss(*a, **k):
-        calls["count"] += 1
-        value = real(*a, **k)
-        return value * float("nan") if calls["count"] == n else value
-    return loss
 
 
 def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
