@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from common.checkpoint import atomic_write_dir, prepare_output_dir, resume_adapter_training, save_checkpoint
-from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config, refuse_values_below
 from common.data import batch_stream, collate_left_padded, plan_batches, read_records
 from common.inference import (
     greedy_eval,
@@ -104,10 +104,8 @@ class Config:
 
 def refuse_bad_options(cfg: Config):
     """The settings GRPO cannot run with, each as one line naming the option."""
-    for name, least in {"group_size": 2, "batch_size": 1, "max_new_tokens": 1, "updates_per_batch": 1,
-                        "grad_accum": 1, "max_prompt_len": 2, "max_steps": 1, "kl_beta": 0}.items():
-        if getattr(cfg, name) < least:
-            raise UserError(f"--{name}={getattr(cfg, name)}: expected at least {least}")
+    refuse_values_below(cfg, {"group_size": 2, "batch_size": 1, "max_new_tokens": 1, "updates_per_batch": 1,
+                              "grad_accum": 1, "max_prompt_len": 2, "max_steps": 1, "kl_beta": 0})
     if not cfg.reward_fn and not cfg.reward_model:
         raise UserError("no reward: give --reward_fn=file.py:function, --reward_model=reward-qlora out/final, or both")
 

@@ -112,43 +112,45 @@ def test_bundled_rewards():
 
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory):
-    """An sft/qlora adapter on the synthetic reversal task, trained once per module. The tiny random-init model
-    learns reversal in a burst between steps 80 and 150 (held-out exact match 0.05 at 100 steps, 0.32 at 150) in
-    fp32 with the embeddings trained; with them frozen it was at 0.01 after 150 steps, on NF4 at 0.00 after 120."""
+    """An sft/qlora adapter on the synthetic reversal task, trained once per module: 200 steps, held-out exact
+    match about 0.5. The tiny random-init model learns reversal in a burst (0.00 at 100 steps, 0.07 at 125, 0.38 at
+    150, 0.53 at 200; 1.00 by 300 steps of a longer schedule), in fp32 with the embeddings trained; with them frozen
+    it was at 0.01 after 150 steps, on NF4 at 0.00 after 120."""
     sft = load_recipe(REPO / "sft" / "qlora")
     out = tmp_path_factory.mktemp("sft")
     with one_thread():
         sft.main(sft.parse_config(sft.Config, [
             f"--output_dir={out}", f"--data_path={DATA / 'reverse_train.jsonl'}", "--eval_data_path=",
-            "--quantization=none", "--max_steps=150", "--batch_size=16", "--grad_accum=1", "--lr=1e-3",
+            "--quantization=none", "--max_steps=200", "--batch_size=16", "--grad_accum=1", "--lr=1e-3",
             "--lora_r=64", "--lora_alpha=64", "--max_grad_norm=1", "--lora_modules_to_save=lm_head,embed_tokens",
             "--report_to=none", "--log_every=50"]))
     return out / "final"
 
 
 @pytest.mark.slow
-def test_grpo_from_an_sft_adapter_learns_its_reward_measured_as_tools_evaluate_measures(tmp_path, sft_adapter):
-    """The SFT -> GRPO pipeline on the synthetic task. The recipe's held-out evals (exact match of greedy answers,
-    loss of the reference answers) are tools/evaluate.py's numbers for the SFT adapter and for GRPO's final/. What
-    GRPO learns is checked with a reward it can move in seconds on CPU (longer answers): held-out exact match does
-    not rise within a CPU test's budget (README.md: the runs measured)."""
+def test_grpo_from_an_sft_adapter_raises_held_out_exact_match_as_tools_evaluate_measures(tmp_path, sft_adapter):
+    """The SFT -> GRPO pipeline on the synthetic task with the default reward (exact match + position match):
+    greedy exact match on the held-out prompts, measured by tools/evaluate.py before and after, rises (0.53 ->
+    0.59 / 0.62 / 0.59 over three sampling seeds in 80 steps; README.md), the held-out reward rises and the reference
+    answers get likelier. The recipe's own held-out evals are tools/evaluate.py's numbers."""
     evaluate = load_tool("evaluate")
     data = DATA / "reverse_eval.jsonl"
-    length = tmp_path / "length.py"
-    length.write_text("def score(prompts, completions, records):\n    return [float(len(c)) for c in completions]\n")
     with one_thread():
         result = run_main(tmp_path / "out", f"--init_adapter={sft_adapter}", "--quantization=none",
-                          f"--eval_data_path={data}", f"--reward_fn={length}", "--batch_size=4", "--grad_accum=1",
-                          "--group_size=8", "--max_steps=10", "--lr=2e-4")
+                          f"--eval_data_path={data}", "--batch_size=8", "--grad_accum=1", "--group_size=8",
+                          "--temperature=0.7", "--max_steps=80", "--lr=3e-4")
         before, after = (evaluate.main(["--model=tiny", f"--adapter={adapter}", f"--data={data}", "--max_new_tokens=8",
                                         "--batch_size=50"]) for adapter in (sft_adapter, result["final_dir"]))
     first, last = result["first_eval"], result["eval"]
     assert (first["eval_exact_match"], last["eval_exact_match"]) == (before["exact_match"], after["exact_match"])
     assert first["eval_loss"] == pytest.approx(before["loss"], rel=1e-4)
     assert last["eval_loss"] == pytest.approx(after["loss"], rel=1e-4)
-    assert 0.2 <= before["exact_match"] <= 0.5, before  # partly right: the SFT adapter learnt the task in part
-    assert last["eval_reward"] > first["eval_reward"] + 1.0, (first, last)  # held-out greedy answers grew longer
-    assert sum(result["rewards"][-3:]) > sum(result["rewards"][:3]), result["rewards"]  # the sampled ones too
+    assert 0.35 <= before["exact_match"] <= 0.7, before  # partly right: the SFT adapter learnt the task in part
+    assert after["exact_match"] >= before["exact_match"] + 0.04, (before, after)  # 100 prompts: 4 more right at least
+    assert last["eval_reward"] > first["eval_reward"] + 0.05, (first, last)  # the reward it was trained on
+    assert after["loss"] < before["loss"], (before, after)  # the reference answers got likelier
+    rewards = result["rewards"]
+    assert sum(rewards[-20:]) > sum(rewards[:20]), rewards  # the sampled answers score higher too
 
 
 @pytest.mark.slow
