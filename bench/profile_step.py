@@ -5,7 +5,8 @@ torch.profiler, printed as a table of the operators with the most self time.
     python bench/profile_step.py --quantization=none --lora_r=0      # full fine-tune shape
     python bench/profile_step.py --model_path=/models/llama-7b --steps=5  # on a GPU
 
-The batch is the recipes' own (length-grouped, left-padded, labels masked), the loss the recipes' token_loss_sum,
+The batch is the recipes' own (length-grouped, left-padded, labels masked), the loss the recipes' (logits only over
+the answers' window, or --loss_chunk),
 AdamW steps the trainable parameters; two warm-up steps are left out of the profile.
 """
 import argparse
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
 from common.data import build_sft_examples, collate_left_padded, plan_batches, read_records  # noqa: E402
 from common.logs import quiet_third_party_logs  # noqa: E402
-from common.losses import token_loss_sum  # noqa: E402
+from common.losses import causal_lm_loss_sum, loss_window  # noqa: E402
 from common.model import add_lora, load_model, load_tokenizer, prepare_for_lora_training, resolve_model_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,8 @@ def main():
     p.add_argument("--lora_r", type=int, default=64, help="0: train every weight")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after 2 warm-up steps)")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="the recipes' default since 2026-11-28: 0")
+    p.add_argument("--loss_chunk", type=int, default=0, help="the recipes' --loss_chunk (0: all logits at once)")
     p.add_argument("--rows", type=int, default=20, help="operators listed")
     args = p.parse_args()
     quiet_third_party_logs()
@@ -46,16 +49,19 @@ def main():
     model = load_model(model_dir, args.quantization, dtype, {"": device} if cuda else None)
     if args.lora_r > 0:
         model = prepare_for_lora_training(model, args.quantization != "none", False)
-        model = add_lora(model, args.lora_r, 16, 0.05, ["all-linear"])
+        model = add_lora(model, args.lora_r, 16, args.lora_dropout, ["all-linear"])
     model.train()
+    head = model.get_output_embeddings()
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
 
     def step(i):
         batch = {k: v.to(device) for k, v in collate_left_padded([examples[j] for j in batches[i % len(batches)]],
                                                                  tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")
+        window = loss_window(labels)
         with torch.autocast("cuda", dtype=dtype, enabled=cuda):
-            loss = token_loss_sum(model(**batch, use_cache=False).logits, labels) / (labels != -100).sum()
+            loss_sum = causal_lm_loss_sum(model, head, batch, labels, window, args.loss_chunk)
+            loss = loss_sum / (labels != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -289,6 +289,14 @@ def parse_config(cls, argv: list[str] | None = None):
     return cls(**overrides)
 
 
+def refuse_values_below(cfg, least: dict):
+    """Raise UserError naming the first option of cfg below its least allowed value ({"batch_size": 1, ...})."""
+    for name, minimum in least.items():
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise UserError(f"--{name}={value}: expected at least {minimum}")
+
+
 def config_to_dict(cfg) -> dict:
     return {k: (REDACTED if is_secret(k) and v else v) for k, v in dataclasses.asdict(cfg).items()}
 

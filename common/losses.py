@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common.config import UserError
 from common.data import IGNORE_INDEX
@@ -16,6 +17,43 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits may cover only the last positions of the rows (the model run with logits_to_keep=loss_window(labels))."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - logits.shape[1]:]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def trained_token_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """token_loss_sum(head(hidden), labels), with the LM head run only where a trained token is predicted: the
+    trained positions are gathered into one [tokens, hidden] matrix (a plain matmul for the head; the sliced 3-D
+    window HF passes it can turn into a batched matmul over a copy of the head per row), so prompts and pads get no
+    logits at all. chunk_tokens > 0: the head and the fp32 cross-entropy run on that many tokens at a time and each
+    chunk is recomputed in the backward pass instead of kept (activation checkpointing), so at most one chunk of
+    vocabulary-sized logits exists; it costs one more head matmul per chunk. With a 128k vocabulary a 2,048-token
+    row's logits are 1 GB in fp32. hidden: the final hidden states (after the last norm) of the last hidden.shape[1]
+    positions, lined up with labels as in token_loss_sum."""
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - hidden.shape[1]:].flatten()
+    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    states, targets = hidden.flatten(0, 1)[trained], targets[trained]
+    if not chunk_tokens:
+        return head_loss_sum(head, states, targets)
+    total = states.sum().float() * 0  # 0 joined to the graph: backward works when no token is trained
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(head_loss_sum, head, states[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
+def head_loss_sum(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(states).float(), targets, reduction="sum")
+
+
+def causal_lm_loss_sum(model, head, batch: dict, labels: torch.Tensor, window: int, chunk_tokens: int = 0):
+    """The summed next-token loss of model(**batch) over labels' trained tokens, the recipes' training loss: the
+    model computes the final hidden states (and the logits of one position only), then trained_token_loss_sum runs
+    `head` (the unwrapped model's get_output_embeddings(): the model may be wrapped by DDP) on the last `window`
+    positions' trained tokens, all at once or chunk_tokens at a time."""
+    outputs = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    hidden = outputs.hidden_states[-1][:, -window:]  # after the final norm, as the head sees it
+    return trained_token_loss_sum(hidden, head, labels.to(hidden.device), chunk_tokens)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from common.checkpoint import (
     resume_adapter_training,
     save_checkpoint,
 )
-from common.config import config_to_dict, exit_on_user_error, parse_config
+from common.config import config_to_dict, exit_on_user_error, parse_config, refuse_values_below
 from common.data import (
     batch_stream,
     build_sft_examples,
@@ -46,7 +46,7 @@ from common.data import (
 from common.inference import save_generation_config
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, is_finite, loss_window, non_finite_error, token_loss_sum
+from common.losses import causal_lm_loss_sum, count_trained_tokens, is_finite, loss_window, non_finite_error
 from common.model import (
     add_lora,
     count_parameters,
@@ -78,7 +78,7 @@ class Config:
     max_memory_per_gpu: str = ""  # auto: weights cap per GPU, 22GiB (room for activations) or 10GiB,22GiB; '': all free
     lora_r: int = 64  # adapter rank (QLoRA paper: 64)
     lora_alpha: int = 16  # adapter scale is alpha / r
-    lora_dropout: float = 0.05  # dropout on the adapter input
+    lora_dropout: float = 0.0  # dropout on the adapter input (QLoRA paper: 0.05-0.1; masks cost ~30% of a CPU step)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
     lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head
     # data
@@ -90,6 +90,8 @@ class Config:
     truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
     packing: bool = False  # concatenate examples into rows of max_seq_len, kept apart by masks (best with FA2 on GPU)
+    loss_chunk: int = 0  # >0: the LM head and loss on this many trained tokens at a time, recomputed in backward;
+    #   no whole-batch logits (for long rows and 32k-128k vocabularies, e.g. 1024); 0: all logits at once
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -123,7 +125,7 @@ def build_examples(cfg: Config, tokenizer, path: str):
                               cfg.truncation)
 
 
-def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
+def evaluate(model, batches, examples, pad_id, rt, autocast, loss_chunk: int) -> float:
     """Mean loss per trained token over the eval batches of all ranks."""
     model.eval()
     loss_sum, n_tokens = 0.0, 0
@@ -135,8 +137,8 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
             n_tokens += count_trained_tokens(batch["labels"])
             batch = {k: v.to(input_device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False, logits_to_keep=window).logits
-            loss_sum += token_loss_sum(logits, labels.to(logits.device)).double()  # on the device, read once below
+            loss = causal_lm_loss_sum(model, model.get_output_embeddings(), batch, labels, window, loss_chunk)
+            loss_sum += loss.double()  # on the device, read once below
     model.train()
     loss_sum = float(loss_sum)
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
@@ -181,6 +183,8 @@ def save_final(model, tokenizer, final_dir: Path, rt):
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
+    refuse_values_below(cfg, {"batch_size": 1, "grad_accum": 1, "max_seq_len": 2, "max_steps": 0, "loss_chunk": 0,
+                              "log_every": 1, "eval_every": 0, "save_every": 0, "keep_last": 1})
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
@@ -242,12 +246,13 @@ def main(cfg: Config) -> dict:
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
     pad_id, attn = tokenizer.pad_token_id, model.config._attn_implementation
+    head = model.get_output_embeddings()  # the LM head of the unwrapped model, for --loss_chunk
 
     def collate(rows):
         return collate_packed(rows, pad_id, attn) if cfg.packing else collate_left_padded(rows, pad_id)
 
     if eval_examples and start_step == 0:
-        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
+        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)})
     model.train()
     train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
@@ -268,8 +273,7 @@ def main(cfg: Config) -> dict:
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 # logits only where a trained token is predicted (the answers), not over the prompts
-                logits = train_model(**batch, use_cache=False, logits_to_keep=window).logits
-                micro_loss = token_loss_sum(logits, labels.to(logits.device))
+                micro_loss = causal_lm_loss_sum(train_model, head, batch, labels, window, cfg.loss_chunk)
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
             scaler.scale(micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
@@ -302,7 +306,8 @@ def main(cfg: Config) -> dict:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
+            eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)
+            log.log(step, {"eval_loss": eval_loss})
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -323,7 +328,7 @@ def main(cfg: Config) -> dict:
     save_final(model, tokenizer, final_dir, rt)
     eval_loss = None
     if eval_examples:
-        eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)
+        eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)
         log.log(total_steps, {"eval_loss": eval_loss})
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
              f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")

@@ -89,6 +89,21 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_chunked_loss_trains_as_the_plain_loss(tmp_path, packing):
+    """--loss_chunk: the same losses, eval loss and adapter as the plain loss, on left-padded and on packed rows
+    (where every position of a row predicts a trained token, so only the chunking bounds the logits)."""
+    extra = ["--max_steps=3", "--packing"] if packing else ["--max_steps=3"]
+    plain = run_main(tmp_path / "plain", *extra)
+    chunked = run_main(tmp_path / "chunked", *extra, "--loss_chunk=5")
+    assert chunked["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert chunked["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    for name, weight in plain["model"].state_dict().items():
+        if "lora_" in name:
+            torch.testing.assert_close(chunked["model"].state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_bad_data_line_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
