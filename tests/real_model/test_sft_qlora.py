@@ -78,7 +78,9 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(sft_run, merged, smo
         with_adapter = PeftModel.from_pretrained(base, str(sft_run[0] / "final")).eval()(**batch).logits
         from_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(**batch).logits
     real = batch["attention_mask"].bool()  # pad positions are never read
-    torch.testing.assert_close(from_merged[real], with_adapter[real], atol=1e-4, rtol=0)
+    # W + BA summed once in fp32 rounds unlike x W + x B A: the gap grows with the logit (measured: 20 of 688,128
+    # logits 1.1e-4 apart, relative 5e-5, with the dropout-free default adapter)
+    torch.testing.assert_close(from_merged[real], with_adapter[real], atol=1e-4, rtol=1e-4)
     assert (with_adapter - plain)[real].abs().max() > 1e-2  # the adapter matters, so the equality means something
 
 

@@ -60,15 +60,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(recipe, args, tmp_path)
 
 
 def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
-    from common.losses import NonFiniteLoss, token_loss_sum
+    from common.losses import NonFiniteLoss, causal_lm_loss_sum
 
     args = ["--max_steps=6", "--save_every=2", "--eval_data_path=", "--batch_size=4", "--grad_accum=1", "--log_every=1"]
-    monkeypatch.setattr(sft_qlora, "token_loss_sum", nan_on_call(4, token_loss_sum))
+    monkeypatch.setattr(sft_qlora, "causal_lm_loss_sum", nan_on_call(4, causal_lm_loss_sum))
     with pytest.raises(NonFiniteLoss, match=r"step 4: loss nan, .*stopped before updating the weights \(last "
                                             r"checkpoint: .*step_00000002\)"):
         run_main(sft_qlora, tmp_path / "stop", *args)
     assert [p.name for p in (tmp_path / "stop" / "checkpoints").iterdir()] == ["step_00000002"]
-    monkeypatch.setattr(sft_qlora, "token_loss_sum", nan_on_call(4, token_loss_sum))
+    monkeypatch.setattr(sft_qlora, "causal_lm_loss_sum", nan_on_call(4, causal_lm_loss_sum))
     result = run_main(sft_qlora, tmp_path / "skip", *args, "--on_nan=skip")
     assert [r["step"] for r in read_metrics(tmp_path / "skip") if "loss" in r] == [1, 2, 3, 5, 6]
     assert all(math.isfinite(x) for x in result["losses"])
