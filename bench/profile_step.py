@@ -5,8 +5,8 @@ torch.profiler, printed as a table of the operators with the most self time.
     python bench/profile_step.py --quantization=none --lora_r=0      # full fine-tune shape
     python bench/profile_step.py --model_path=/models/llama-7b --steps=5  # on a GPU
 
-The batch is the recipes' own (length-grouped, left-padded, labels masked), the loss the recipes' (logits only over
-the answers' window, or --loss_chunk),
+The batch is the recipes' own (length-grouped, left-padded, labels masked), the loss the recipes'
+(common.losses.causal_lm_loss_sum: the LM head on the trained tokens only, --loss_chunk at a time if given),
 AdamW steps the trainable parameters; two warm-up steps are left out of the profile.
 """
 import argparse

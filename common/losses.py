@@ -10,29 +10,37 @@ from common.config import UserError
 from common.data import IGNORE_INDEX
 
 
+def next_token_targets(labels: torch.Tensor, columns: int) -> torch.Tensor:
+    """The token each of the last `columns` positions predicts (labels shifted left by one, -100 past the end): the
+    targets of logits (or hidden states) that cover only the last columns of the rows."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - columns:]
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over positions whose label is not -100 (logits[t] predicts labels[t+1]).
 
     The labels are shifted rather than the logits: slicing logits would copy the largest tensor of the step.
     logits may cover only the last positions of the rows (the model run with logits_to_keep=loss_window(labels))."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - logits.shape[1]:]
+    targets = next_token_targets(labels, logits.shape[1])
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def trained_token_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
     """token_loss_sum(head(hidden), labels), with the LM head run only where a trained token is predicted: the
-    trained positions are gathered into one [tokens, hidden] matrix (a plain matmul for the head; the sliced 3-D
-    window HF passes it can turn into a batched matmul over a copy of the head per row), so prompts and pads get no
-    logits at all. chunk_tokens > 0: the head and the fp32 cross-entropy run on that many tokens at a time and each
-    chunk is recomputed in the backward pass instead of kept (activation checkpointing), so at most one chunk of
-    vocabulary-sized logits exists; it costs one more head matmul per chunk. With a 128k vocabulary a 2,048-token
-    row's logits are 1 GB in fp32. hidden: the final hidden states (after the last norm) of the last hidden.shape[1]
-    positions, lined up with labels as in token_loss_sum."""
+    trained positions are gathered into one [tokens, hidden] matrix (a plain matmul for the head; on the sliced 3-D
+    window HF passes it, the head ran as a batched matmul), so prompts and pads get no logits at all. labels may stay
+    on the CPU: the trained positions are found there, so a GPU run does not wait on them. chunk_tokens > 0: the
+    head and the fp32 cross-entropy run on that many tokens at a time and each chunk is recomputed in the backward
+    pass instead of kept (activation checkpointing), so at most one chunk of vocabulary-sized logits exists; it costs
+    one more head matmul per chunk. With a 128k vocabulary a 2,048-token row's logits are 1 GB in fp32. hidden: the
+    final hidden states (after the last norm) of the last hidden.shape[1] positions, lined up with labels as in
+    token_loss_sum."""
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - hidden.shape[1]:].flatten()
+    targets = next_token_targets(labels, hidden.shape[1]).flatten()
     trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    states, targets = hidden.flatten(0, 1)[trained], targets[trained]
+    states = hidden.flatten(0, 1)[trained.to(hidden.device)]
+    targets = targets[trained].to(hidden.device)
     if not chunk_tokens:
         return head_loss_sum(head, states, targets)
     total = states.sum().float() * 0  # 0 joined to the graph: backward works when no token is trained
@@ -53,7 +61,7 @@ def causal_lm_loss_sum(model, head, batch: dict, labels: torch.Tensor, window: i
     positions' trained tokens, all at once or chunk_tokens at a time."""
     outputs = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
     hidden = outputs.hidden_states[-1][:, -window:]  # after the final norm, as the head sees it
-    return trained_token_loss_sum(hidden, head, labels.to(hidden.device), chunk_tokens)
+    return trained_token_loss_sum(hidden, head, labels, chunk_tokens)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +69,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     [rows, logits columns], logps 0 where mask is False. Positions line up as in token_loss_sum (logits[t] predicts
     labels[t+1]; logits may cover only the last columns). Summed over a row: the log-likelihood of its answer, the
     quantity preference losses (DPO, SimPO, ORPO) and the policy gradient (GRPO) work with."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, labels.shape[1] - logits.shape[1]:]
+    targets = next_token_targets(labels, logits.shape[1])
     mask = targets != IGNORE_INDEX
     picked = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                               reduction="none")  # log_softmax gathered at the target, without a second [N, V] copy

@@ -90,8 +90,7 @@ class Config:
     truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
     packing: bool = False  # concatenate examples into rows of max_seq_len, kept apart by masks (best with FA2 on GPU)
-    loss_chunk: int = 0  # >0: the LM head and loss on this many trained tokens at a time, recomputed in backward;
-    #   no whole-batch logits (for long rows and 32k-128k vocabularies, e.g. 1024); 0: all logits at once
+    loss_chunk: int = 0  # >0: LM head + loss on this many trained tokens at a time, recomputed in backward (e.g. 1024)
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -135,8 +134,8 @@ def evaluate(model, batches, examples, pad_id, rt, autocast, loss_chunk: int) ->
             batch = collate_left_padded([examples[i] for i in idx], pad_id)
             window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
             n_tokens += count_trained_tokens(batch["labels"])
+            labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained tokens there
             batch = {k: v.to(input_device) for k, v in batch.items()}
-            labels = batch.pop("labels")
             loss = causal_lm_loss_sum(model, model.get_output_embeddings(), batch, labels, window, loss_chunk)
             loss_sum += loss.double()  # on the device, read once below
     model.train()
@@ -246,7 +245,7 @@ def main(cfg: Config) -> dict:
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
     pad_id, attn = tokenizer.pad_token_id, model.config._attn_implementation
-    head = model.get_output_embeddings()  # the LM head of the unwrapped model, for --loss_chunk
+    head = model.get_output_embeddings()  # the LM head of the unwrapped model: the loss runs it on the trained tokens
 
     def collate(rows):
         return collate_packed(rows, pad_id, attn) if cfg.packing else collate_left_padded(rows, pad_id)
@@ -268,8 +267,8 @@ def main(cfg: Config) -> dict:
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
             window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
+            labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained tokens there
             batch = {k: v.to(input_device) for k, v in batch.items()}
-            labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 # logits only where a trained token is predicted (the answers), not over the prompts
