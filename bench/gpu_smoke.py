@@ -50,6 +50,9 @@ RECIPES = (
     ("pretrain/fsdp", "pretrain/fsdp", (), (), 45, 4),
     ("rlhf/dpo-qlora", "rlhf/dpo-qlora", (), ("bitsandbytes",), 40, 5),
     ("rlhf/grpo-qlora", "rlhf/grpo-qlora", (), ("bitsandbytes",), 60, 5),
+    # the plain sft/qlora row runs Liger's kernels where liger-kernel is installed (--liger=auto): this one without
+    ("sft/qlora", "sft/qlora --liger=off", ("--liger=off",), ("bitsandbytes",), 40, 5),
+    ("sft/qlora", "sft/qlora --packing", ("--packing",), ("bitsandbytes",), 40, 5),
 )
 
 

@@ -8,62 +8,35 @@ between the two models batch by batch in one process so a busy machine slows bot
 peft applies a fresh dropout mask to the input of every adapted projection (q, k, v, o, gate, up, down: seven masks
 of [tokens, width] per layer and pass), which on CPU is a large share of a LoRA step.
 """
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
-from common.data import build_sft_examples, collate_left_padded, plan_batches, read_records  # noqa: E402
-from common.logs import quiet_third_party_logs  # noqa: E402
-from common.losses import causal_lm_loss_sum, loss_window  # noqa: E402
-from common.model import add_lora, load_model, load_tokenizer, prepare_for_lora_training, resolve_model_path  # noqa: E402
+from sft_step import sft_batches, step_bench_parser, time_alternating, train_step  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from common.logs import quiet_third_party_logs  # noqa: E402
+from common.model import add_lora, load_model, prepare_for_lora_training  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default="tiny")
+    p = step_bench_parser(__doc__)
     p.add_argument("--dropout", type=float, default=0.05, help="the dropout compared with none")
-    p.add_argument("--lora_r", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--batches", type=int, default=6, help="batches per contender per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     quiet_third_party_logs()
     torch.set_num_threads(args.threads)
-    model_dir = resolve_model_path(str(Path(args.model_path).expanduser()) if args.model_path != "tiny" else "tiny")
-    tokenizer = load_tokenizer(model_dir)
-    examples, _ = build_sft_examples(read_records(REPO / "data" / "sft" / "train.jsonl"), tokenizer, 1024)
-    batches = plan_batches([len(e["input_ids"]) for e in examples], args.batch_size, 0, 0, True)
+    model_dir, tokenizer, examples, batches = sft_batches(args.model_path, args.batch_size)
     models = {}
     for dropout in (0.0, args.dropout):
         torch.manual_seed(0)
         base = prepare_for_lora_training(load_model(model_dir, "nf4", torch.float32, None), True, False)
         models[dropout] = add_lora(base, args.lora_r, 16, dropout, ["all-linear"]).train()
 
-    def step(model, idx) -> int:
-        batch = collate_left_padded([examples[i] for i in idx], tokenizer.pad_token_id)
-        labels = batch.pop("labels")
-        loss = causal_lm_loss_sum(model, model.get_output_embeddings(), batch, labels, loss_window(labels))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
-
+    pad_id = tokenizer.pad_token_id
     for model in models.values():  # warm-up
-        step(model, batches[0])
-    tokens, seconds = dict.fromkeys(models, 0), dict.fromkeys(models, 0.0)
-    for r in range(args.rounds):
-        for k in range(args.batches):
-            idx = batches[(r * args.batches + k) % len(batches)]
-            for dropout, model in models.items():  # A B A B: the same batch for both, back to back
-                start = time.perf_counter()
-                tokens[dropout] += step(model, idx)
-                seconds[dropout] += time.perf_counter() - start
+        train_step(model, examples, batches[0], pad_id)
+    tokens, seconds = time_alternating(models, examples, batches, pad_id, args.rounds, args.batches)
     print(f"{args.model_path}: NF4 + LoRA r={args.lora_r} on every projection, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.batches} batches, forward + backward, {args.threads} threads")
     print(f"{'lora_dropout':>12}{'real tokens':>13}{'seconds':>9}{'tok/s':>8}{'vs none':>9}")

@@ -20,18 +20,19 @@ over the rounds:
             torch  a plain PyTorch loop: AutoModelForCausalLM.from_config of the same config and seed, torch AdamW,
                    the same packed windows from common.pretrain_data.packed_loader, loss from model(labels=...)
 Held equal within a family: model, data, micro-batch, sequence length, steps, no gradient accumulation, torch AdamW
-(fused on a GPU) with the same lr and warmup, the same schedule type (linear warmup + cosine; ours ends at 10% of
-the peak, Trainer's "cosine" at 0), gradient clipping, gradient checkpointing (default: on with a GPU, off on CPU),
-bf16 compute on a GPU (the plain loop: fp32 weights under bf16 autocast) and fp32 on CPU, the attention kernel (sdpa;
-pretrain: flash-attention 2 for both when installed on a GPU), and for the LoRA families an NF4 base with double
-quant and LoRA r / alpha / dropout 0.05 on every linear layer (cls: the score head trained in full by both).
+(sft, cls: fused, the Trainer's default, on CPU too; pretrain: fused on a GPU) with the same lr and warmup, the same
+schedule type (linear warmup + cosine; ours ends at 10% of the peak, Trainer's "cosine" at 0), gradient clipping,
+gradient checkpointing (default: on with a GPU, off on CPU), bf16 compute on a GPU (the plain loop: fp32 weights
+under bf16 autocast) and fp32 on CPU, the attention kernel (sdpa; pretrain: flash-attention 2 for both when
+installed on a GPU), and for the LoRA families an NF4 base with double quant and LoRA r / alpha / dropout (default
+0, the recipes' default) on every linear layer (cls: the score head trained in full by both).
 
 Reported per contender (median over rounds): real (non-pad) tokens per second of the training loop (model loading,
-data preparation and evals excluded), milliseconds per optimizer step, peak memory (process RSS on CPU, max allocated
-on a GPU), useful-token fraction (real tokens / tokens computed, pads included), final training loss, and ours / this
-tok/s; --json also has the peak the GPU allocator reserved (peak_reserved_gb per round, reserved_gb in the
-medians). Pretraining packs documents into full windows: no pads, so the useful-token fraction is 1.0 for both by
-construction (not measured).
+data preparation and evals excluded), computed tokens (pads included) per second, milliseconds per optimizer step,
+peak memory (process RSS on CPU, max allocated on a GPU), useful-token fraction (real tokens / tokens computed),
+final training loss, and ours / this tok/s; --json also has the peak the GPU allocator reserved (peak_reserved_gb
+per round, reserved_gb in the medians). Pretraining packs documents into full windows: no pads, so the useful-token
+fraction is 1.0 for both by construction (not measured).
 """
 import argparse
 import json
@@ -60,7 +61,6 @@ DEFAULTS = {
     "pretrain": dict(data_path=str(REPO / "data" / "pretrain" / "shards"), batch_size=8, seq_len=256, lora_r=0,
                      lora_alpha=0, lr=1e-3, warmup_steps=10, max_grad_norm=1.0, contenders="ours,torch"),
 }
-LORA_DROPOUT = 0.05
 SEED = 42
 PRETRAIN_LOADER_WORKERS = 1  # the pretrain recipes' default: one process tokenizing ahead, for both contenders
 LABELS = {"sft": "sft/qlora", "cls": "cls/qlora", "hf": "Trainer + peft", "trl": "TRL SFTTrainer",
@@ -125,7 +125,7 @@ def hf_lora_model(s, model_class, task_type, **kwargs):
     disable_bnb_cpu_inference_repack(model)  # without it CPU LoRA gradients are wrong: no peer should race that way
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=LORA_DROPOUT, target_modules="all-linear",
+    lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules="all-linear",
                       task_type=task_type)
     return get_peft_model(model, lora)
 
@@ -138,7 +138,7 @@ def trainer_args(s, out) -> dict:
                 gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="cosine",
                 warmup_steps=s.warmup_ratio, max_grad_norm=s.max_grad_norm, weight_decay=0.0, logging_steps=1,
                 save_strategy="no", report_to=[], seed=SEED, use_cpu=not cuda, bf16=cuda,
-                optim="adamw_torch_fused" if cuda else "adamw_torch",  # ours: torch AdamW, fused on a GPU
+                optim="adamw_torch_fused",  # the Trainer's default; ours: torch AdamW, fused too
                 dataloader_num_workers=0, gradient_checkpointing=s.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False}, disable_tqdm=True)
 
@@ -172,7 +172,7 @@ def lora_recipe_args(s, out) -> list[str]:
     return [
         f"--model_path={s.model_path}", f"--data_path={s.data_path}", "--eval_data_path=", f"--output_dir={out}",
         f"--max_steps={s.steps}", f"--batch_size={s.batch_size}", "--grad_accum=1", f"--lora_r={s.lora_r}",
-        f"--lora_alpha={s.lora_alpha}", f"--lora_dropout={LORA_DROPOUT}", f"--max_seq_len={s.seq_len}",
+        f"--lora_alpha={s.lora_alpha}", f"--lora_dropout={s.lora_dropout}", f"--max_seq_len={s.seq_len}",
         f"--lr={s.lr}", f"--warmup_ratio={s.warmup_ratio}", f"--max_grad_norm={s.max_grad_norm}", "--optim=adamw",
         f"--seed={SEED}", "--report_to=none", f"--log_every={s.steps}",
         f"--gradient_checkpointing={s.gradient_checkpointing}"]
@@ -383,7 +383,8 @@ def worker_main(spec: str, settings: dict):
 
 def family_settings(family: str, args) -> dict:
     s = {**DEFAULTS[family], "model_path": args.model_path, "steps": args.steps,
-         "pretrain_recipe": args.pretrain_recipe, "gradient_checkpointing": args.gradient_checkpointing}
+         "pretrain_recipe": args.pretrain_recipe, "gradient_checkpointing": args.gradient_checkpointing,
+         "lora_dropout": args.lora_dropout}
     for key in ("data_path", "batch_size", "seq_len", "lora_r", "lora_alpha", "lr", "contenders"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -396,6 +397,7 @@ def medians(rows: list[dict]) -> dict:
 
     reserved = [x.get("peak_reserved_gb") for x in rows]
     return {"tok_s": med(lambda x: x["tokens"] / x["train_seconds"]),
+            "computed_tok_s": med(lambda x: x["tokens_computed"] / x["train_seconds"]),
             "step_ms": med(lambda x: 1000 * x["train_seconds"] / x["steps"]),
             "mem_gb": med(lambda x: x["peak_mem_gb"]),
             "reserved_gb": statistics.median(reserved) if None not in reserved else None,
@@ -408,16 +410,19 @@ def print_table(family: str, s: dict, table: dict, rounds: int):
     mem_kind = next((t["mem_kind"] for t in table.values()), "rss")
     mem_head = "peak GPU GB (max allocated)" if mem_kind == "gpu" else "peak RSS GB"
     ours_label = f"pretrain/{s['pretrain_recipe']}" if family == "pretrain" else LABELS[family]
-    lora = f" lora_r={s['lora_r']} alpha={s['lora_alpha']}" if family != "pretrain" else ""
+    lora = ""
+    if family != "pretrain":
+        lora = f" lora_r={s['lora_r']} alpha={s['lora_alpha']} dropout={s['lora_dropout']}"
     print(f"\n{family}: {ours_label} vs peers | model={s['model_path']} steps={s['steps']} batch={s['batch_size']} "
           f"seq={s['seq_len']}{lora} rounds={rounds} (medians)")
-    print(f"| contender | tok/s (real) | ms/step | {mem_head} | useful tokens | final loss | ours / this |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| contender | tok/s (real) | tok/s (computed) | ms/step | {mem_head} | useful tokens | final loss | "
+          "ours / this |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, t in table.items():
         label = ours_label if name == "ours" else LABELS.get(name, name)
         ratio = f"{ours / t['tok_s']:.2f}x" if ours else "-"
-        print(f"| {name} ({label}) | {t['tok_s']:,.0f} | {t['step_ms']:,.0f} | {t['mem_gb']:.2f} | {t['useful']:.3f} | "
-              f"{t['final_loss']:.4f} | {ratio} |")
+        print(f"| {name} ({label}) | {t['tok_s']:,.0f} | {t['computed_tok_s']:,.0f} | {t['step_ms']:,.0f} | "
+              f"{t['mem_gb']:.2f} | {t['useful']:.3f} | {t['final_loss']:.4f} | {ratio} |")
     if family == "pretrain":
         print("useful tokens: 1.000 for every contender by construction (documents packed into full windows, "
               "no padding)")
@@ -437,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: sft 64, cls 16)")
     p.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: sft 16, cls 32)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout, for every LoRA contender")
     p.add_argument("--gradient_checkpointing", type=parse_bool, nargs="?", const=True, default=None,
                    help="for every contender (default: on with a GPU, off on CPU)")
     p.add_argument("--pretrain_recipe", default="deepspeed", choices=("deepspeed", "fsdp"))

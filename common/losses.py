@@ -56,10 +56,11 @@ def head_loss_sum(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def causal_lm_loss_sum(model, head, batch: dict, labels: torch.Tensor, window: int, chunk_tokens: int = 0):
     """The summed next-token loss of model(**batch) over labels' trained tokens, the recipes' training loss: the
-    model computes the final hidden states (and the logits of one position only), then trained_token_loss_sum runs
-    `head` (the unwrapped model's get_output_embeddings(): the model may be wrapped by DDP) on the last `window`
-    positions' trained tokens, all at once or chunk_tokens at a time."""
-    outputs = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    model computes the final hidden states and no logits (logits_to_keep is an empty list of positions), then
+    trained_token_loss_sum runs `head` (the unwrapped model's get_output_embeddings(): the model may be wrapped by
+    DDP) on the last `window` positions' trained tokens, all at once or chunk_tokens at a time."""
+    no_positions = torch.zeros(0, dtype=torch.long)  # logits_to_keep=1 would still run the head on one position
+    outputs = model(**batch, use_cache=False, logits_to_keep=no_positions, output_hidden_states=True)
     hidden = outputs.hidden_states[-1][:, -window:]  # after the final norm, as the head sees it
     return trained_token_loss_sum(hidden, head, labels, chunk_tokens)
 

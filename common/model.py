@@ -178,6 +178,44 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def resolve_liger(setting: str, device: torch.device) -> bool:
+    """Whether a run patches Liger's kernels in (--liger): 'auto' where they run (a GPU and liger-kernel installed),
+    'on' always (a UserError without them, before anything is written), 'off' never."""
+    import importlib.util
+
+    if setting not in ("auto", "on", "off"):
+        raise UserError(f"--liger must be auto, on or off, got {setting!r}")
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    usable = installed and device.type == "cuda"
+    if setting == "on" and not usable:
+        missing = "a GPU" if installed else "liger-kernel (pip install liger-kernel)"
+        raise UserError(f"--liger=on needs {missing}; --liger=auto uses it only where it runs")
+    return usable and setting != "off"
+
+
+def apply_liger_kernels(model) -> str:
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU patched into a loaded Llama-family model (before LoRA is
+    added: Liger finds the layers on the bare model); the loss stays the recipes' own (common.losses, chunked with
+    --loss_chunk). Returns what the start-up log says."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return "liger on (RMSNorm, RoPE, SwiGLU)"
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer in place (nn.Module.compile: the parameter names, state dicts and saved
+    adapters stay as they were); returns how many. Call it after the adapters are added, so the compiled layers
+    include them. The first batches of each new length pay the compile; later lengths share a dynamic-shape graph."""
+    stacks = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    if not stacks:
+        raise ValueError(f"compile_decoder_layers: {type(model).__name__} has no ModuleList named *layers")
+    for layer in stacks[0]:
+        layer.compile(dynamic=True)
+    return len(stacks[0])
+
+
 def prepare_for_lora_training(model, quantized: bool, gradient_checkpointing: bool):
     """Before adding LoRA: freeze the base, keep norms and head in fp32 for a k-bit base (peft's recipe), and turn on
     non-reentrant gradient checkpointing with input grads so checkpointed segments still reach the adapters."""

@@ -43,7 +43,9 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float, device: tor
 
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(groups, lr=lr, betas=(0.9, 0.999))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    # fused: one kernel over all the parameters, on a GPU and on CPU alike (on CPU 3-4x faster than the per-parameter
+    # loop over a LoRA model's ~400 small tensors, ~50 ms of a 1.5 s step on a 135M model; bench/peers.py)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):

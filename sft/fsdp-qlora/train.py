@@ -37,6 +37,8 @@ from common.data import (
     batch_stream,
     build_sft_examples,
     collate_left_padded,
+    collate_packed,
+    pack_examples,
     padding_efficiency,
     plan_batches,
     read_records,
@@ -81,6 +83,7 @@ class Config:
     max_seq_len: int = 1024  # longer examples lose prompt tokens from the left first, then answer tokens
     truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    packing: bool = False  # concatenate examples into rows of max_seq_len, kept apart by masks (best with FA2 on GPU)
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -195,9 +198,10 @@ def log_startup(log, cfg: Config, model_dir, model, counts, dtype, precision, ch
     for line in data_lines:
         log.info(line)
     batches_per_epoch = len(plan(0))
-    examples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    rows_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    row_kind = "packed rows" if cfg.packing else "examples"
     log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks = {examples_per_step} examples/step | "
+             f"{rt.world_size} ranks = {rows_per_step} {row_kind}/step | "
              f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
              f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
@@ -234,9 +238,12 @@ def main(cfg: Config) -> dict:
     # ---- tokenizer and data (the same examples as sft/qlora)
     model_dir = resolve_model_path(cfg.model_path)
     tokenizer = load_tokenizer(model_dir)
-    train_examples, train_stats = build_examples(cfg, tokenizer, cfg.data_path)
+    examples, train_stats = build_examples(cfg, tokenizer, cfg.data_path)
     eval_examples, eval_stats = build_examples(cfg, tokenizer, cfg.eval_data_path) if cfg.eval_data_path else ([], None)
-    data_lines = sft_data_report(tokenizer, cfg.data_path, train_examples, train_stats, cfg.eval_data_path, eval_stats)
+    # each packed row holds several examples; position ids and a block mask keep them independent
+    train_examples = pack_examples(examples, cfg.max_seq_len) if cfg.packing else examples
+    data_lines = sft_data_report(tokenizer, cfg.data_path, examples, train_stats, cfg.eval_data_path, eval_stats,
+                                 train_examples if cfg.packing else None, cfg.max_seq_len)
     if cfg.inspect_data:  # a data-only run: nothing written, no model weights read
         if rt.is_main:
             print("\n".join(data_lines), flush=True)
@@ -290,20 +297,25 @@ def main(cfg: Config) -> dict:
 
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
-    pad_id = tokenizer.pad_token_id
+    pad_id, attn = tokenizer.pad_token_id, model.config._attn_implementation
+
+    def collate(rows):
+        return collate_packed(rows, pad_id, attn) if cfg.packing else collate_left_padded(rows, pad_id)
+
     if eval_examples and start_step == 0:
         log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt)})
     model.train()
-    train_seconds, tokens_seen, losses = 0.0, 0, []
+    train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk_idx = [next(stream) for _ in range(cfg.grad_accum)]
-        chunk = [collate_left_padded([train_examples[i] for i in idx], pad_id) for idx in chunk_idx]
+        chunk = [collate([train_examples[i] for i in idx]) for idx in chunk_idx]
         # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
         n_trained = sum(count_trained_tokens(b["labels"]) for b in chunk)
         n_tokens = sum(lengths[i] for idx in chunk_idx for i in idx)
-        n_trained, n_tokens = all_reduce_sum([n_trained, n_tokens], rt)
+        n_computed = sum(b["input_ids"].numel() for b in chunk)
+        n_trained, n_tokens, n_computed = all_reduce_sum([n_trained, n_tokens, n_computed], rt)
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
             window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
@@ -334,6 +346,7 @@ def main(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
+        tokens_computed += int(n_computed)
         losses.append(loss)
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
@@ -371,7 +384,8 @@ def main(cfg: Config) -> dict:
     log.close()
     cleanup(rt)
     return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval_loss": eval_loss, "final_dir": final_dir,
-            "train_seconds": train_seconds, "tokens": tokens_seen, "steps": total_steps - start_step}
+            "train_seconds": train_seconds, "tokens": tokens_seen, "tokens_computed": tokens_computed,
+            "steps": total_steps - start_step}
 
 
 if __name__ == "__main__":

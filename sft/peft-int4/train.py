@@ -34,11 +34,13 @@ from common.checkpoint import (
     resume_adapter_training,
     save_checkpoint,
 )
-from common.config import config_to_dict, exit_on_user_error, parse_config
+from common.config import config_to_dict, exit_on_user_error, parse_config, refuse_values_below
 from common.data import (
     batch_stream,
     build_sft_examples,
     collate_left_padded,
+    collate_packed,
+    pack_examples,
     padding_efficiency,
     plan_batches,
     read_records,
@@ -48,7 +50,7 @@ from common.gptq import count_gptq_parameters, gptq_linear_names, load_gptq_mode
 from common.inference import save_generation_config
 from common.layer_split import describe_layer_split, layer_split_device_map
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
-from common.losses import count_trained_tokens, is_finite, loss_window, non_finite_error, token_loss_sum
+from common.losses import causal_lm_loss_sum, count_trained_tokens, is_finite, loss_window, non_finite_error
 from common.model import add_lora, load_tokenizer, prepare_for_lora_training
 from common.optim import make_optimizer, warmup_cosine
 from common.runtime import (
@@ -84,6 +86,8 @@ class Config:
     max_seq_len: int = 1024  # longer examples lose prompt tokens from the left first, then answer tokens
     truncation: Literal["keep_answer", "drop"] = "keep_answer"  # or drop examples that do not fit
     group_by_length: bool = True  # batch similar lengths together: less padding, faster
+    packing: bool = False  # concatenate examples into rows of max_seq_len, kept apart by masks (best with FA2 on GPU)
+    loss_chunk: int = 0  # >0: LM head + loss on this many trained tokens at a time, recomputed in backward (e.g. 1024)
     # optimization
     epochs: float = 3.0  # passes over the training data (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
@@ -117,7 +121,7 @@ def build_examples(cfg: Config, tokenizer, path: str):
                               cfg.truncation)
 
 
-def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
+def evaluate(model, batches, examples, pad_id, rt, autocast, loss_chunk: int) -> float:
     """Mean loss per trained token over the eval batches of all ranks."""
     model.eval()
     loss_sum, n_tokens = 0.0, 0
@@ -127,10 +131,10 @@ def evaluate(model, batches, examples, pad_id, rt, autocast) -> float:
             batch = collate_left_padded([examples[i] for i in idx], pad_id)
             window = loss_window(batch["labels"])  # window and counts from the CPU labels: no wait for the GPU
             n_tokens += count_trained_tokens(batch["labels"])
+            labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained tokens there
             batch = {k: v.to(input_device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False, logits_to_keep=window).logits
-            loss_sum += token_loss_sum(logits, labels.to(logits.device)).double()  # on the device, read once below
+            loss = causal_lm_loss_sum(model, model.get_output_embeddings(), batch, labels, window, loss_chunk)
+            loss_sum += loss.double()  # on the device, read once below
     model.train()
     loss_sum = float(loss_sum)
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
@@ -149,9 +153,10 @@ def log_startup(log, cfg: Config, model_dir, model, kernel, targets, precision, 
     for line in data_lines:
         log.info(line)
     batches_per_epoch = len(plan(0))
-    examples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    rows_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
+    row_kind = "packed rows" if cfg.packing else "examples"
     log.info(f"batches  {batches_per_epoch} per epoch per rank | batch {cfg.batch_size} x accum {cfg.grad_accum} x "
-             f"{rt.world_size} ranks = {examples_per_step} examples/step | "
+             f"{rt.world_size} ranks = {rows_per_step} {row_kind}/step | "
              f"padding efficiency {padding_efficiency(plan(0), lengths):.3f}")
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), "
              f"lr {cfg.lr:g} warmup {int(cfg.warmup_ratio * total_steps)} | device {rt.describe()}")
@@ -175,6 +180,8 @@ def save_final(model, tokenizer, final_dir: Path, rt):
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
+    refuse_values_below(cfg, {"batch_size": 1, "grad_accum": 1, "max_seq_len": 2, "max_steps": 0, "loss_chunk": 0,
+                              "log_every": 1, "eval_every": 0, "save_every": 0, "keep_last": 1})
     rt = setup_runtime(cfg.seed)
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
@@ -182,9 +189,12 @@ def main(cfg: Config) -> dict:
     # ---- tokenizer and data
     model_dir = resolve_gptq_model_path(cfg.model_path)  # not GPTQ: an error with the command to quantize it
     tokenizer = load_tokenizer(model_dir)
-    train_examples, train_stats = build_examples(cfg, tokenizer, cfg.data_path)
+    examples, train_stats = build_examples(cfg, tokenizer, cfg.data_path)
     eval_examples, eval_stats = build_examples(cfg, tokenizer, cfg.eval_data_path) if cfg.eval_data_path else ([], None)
-    data_lines = sft_data_report(tokenizer, cfg.data_path, train_examples, train_stats, cfg.eval_data_path, eval_stats)
+    # each packed row holds several examples; position ids and a block mask keep them independent
+    train_examples = pack_examples(examples, cfg.max_seq_len) if cfg.packing else examples
+    data_lines = sft_data_report(tokenizer, cfg.data_path, examples, train_stats, cfg.eval_data_path, eval_stats,
+                                 train_examples if cfg.packing else None, cfg.max_seq_len)
     if cfg.inspect_data:  # a data-only run: nothing written, no model weights read
         if rt.is_main:
             print("\n".join(data_lines), flush=True)
@@ -238,16 +248,21 @@ def main(cfg: Config) -> dict:
 
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on
-    pad_id = tokenizer.pad_token_id
+    pad_id, attn = tokenizer.pad_token_id, model.config._attn_implementation
+    head = model.get_output_embeddings()  # the LM head of the unwrapped model: the loss runs it on the trained tokens
+
+    def collate(rows):
+        return collate_packed(rows, pad_id, attn) if cfg.packing else collate_left_padded(rows, pad_id)
+
     if eval_examples and start_step == 0:
-        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
+        log.log(0, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)})
     model.train()
     train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk_idx = [next(stream) for _ in range(cfg.grad_accum)]
-        chunk = [collate_left_padded([train_examples[i] for i in idx], pad_id) for idx in chunk_idx]
+        chunk = [collate([train_examples[i] for i in idx]) for idx in chunk_idx]
         # normalise by the trained tokens of the whole step on all ranks: every token weighs the same
         n_trained = sum(count_trained_tokens(b["labels"]) for b in chunk)
         n_tokens = sum(lengths[i] for idx in chunk_idx for i in idx)
@@ -256,13 +271,12 @@ def main(cfg: Config) -> dict:
         loss_sum = 0.0
         for i, batch in enumerate(chunk):
             window = loss_window(batch["labels"])  # from the CPU labels: no wait for the GPU
+            labels = batch.pop("labels")  # stays on the CPU: the loss finds the trained tokens there
             batch = {k: v.to(input_device) for k, v in batch.items()}
-            labels = batch.pop("labels")
             sync = i == len(chunk) - 1 or not rt.distributed
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
                 # logits only where a trained token is predicted (the answers), not over the prompts
-                logits = train_model(**batch, use_cache=False, logits_to_keep=window).logits
-                micro_loss = token_loss_sum(logits, labels.to(logits.device))
+                micro_loss = causal_lm_loss_sum(train_model, head, batch, labels, window, cfg.loss_chunk)
             # DDP averages gradients over ranks, so scale by world_size to get the sum over all ranks' tokens
             scaler.scale(micro_loss * rt.world_size / max(n_trained, 1)).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
@@ -295,7 +309,8 @@ def main(cfg: Config) -> dict:
             log.log(step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                            "tokens_per_s": n_tokens / dt, **memory_gb(devices)})
         if eval_examples and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
-            log.log(step, {"eval_loss": evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)})
+            eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)
+            log.log(step, {"eval_loss": eval_loss})
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
@@ -316,7 +331,7 @@ def main(cfg: Config) -> dict:
     save_final(model, tokenizer, final_dir, rt)
     eval_loss = None
     if eval_examples:
-        eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast)
+        eval_loss = evaluate(model, eval_batches, eval_examples, pad_id, rt, autocast, cfg.loss_chunk)
         log.log(total_steps, {"eval_loss": eval_loss})
     log.info(f"done: {total_steps - start_step} steps in {train_seconds:.1f}s, "
              f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s, peak mem {peak_memory_gb(devices):.2f} GB")

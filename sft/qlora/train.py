@@ -49,10 +49,13 @@ from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party
 from common.losses import causal_lm_loss_sum, count_trained_tokens, is_finite, loss_window, non_finite_error
 from common.model import (
     add_lora,
+    apply_liger_kernels,
+    compile_decoder_layers,
     count_parameters,
     load_model,
     load_tokenizer,
     prepare_for_lora_training,
+    resolve_liger,
     resolve_model_path,
 )
 from common.optim import make_optimizer, warmup_cosine
@@ -81,6 +84,8 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapter input (QLoRA paper: 0.05-0.1; masks cost ~30% of a CPU step)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
     lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head
+    compile: bool = False  # torch.compile each decoder layer (each new batch shape compiles first; docs/benchmarks.md)
+    liger: Literal["auto", "on", "off"] = "auto"  # Liger's RMSNorm/RoPE/SwiGLU kernels; auto: on a GPU when installed
     # data
     data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records
     eval_data_path: str = str(SAMPLE_DATA / "eval.jsonl")  # held-out records; '' for none
@@ -144,14 +149,14 @@ def evaluate(model, batches, examples, pad_id, rt, autocast, loss_chunk: int) ->
     return loss_sum / max(n_tokens, 1)
 
 
-def log_startup(log, cfg: Config, model_dir, model, precision, checkpointing, data_lines, plan, lengths, total_steps,
-                rt):
+def log_startup(log, cfg: Config, model_dir, model, precision, checkpointing, kernels, data_lines, plan, lengths,
+                total_steps, rt):
     """The start-up block: model, data (with one rendered example), batches, steps, and the layer split."""
     trainable, total = count_parameters(model)
     log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + LoRA r={cfg.lora_r} on "
              f"{','.join(cfg.lora_target_modules)} | trainable {trainable:,} / {total:,} params "
              f"({100 * trainable / total:.2f}%) | {precision.reason} | "
-             f"activation checkpointing {'on' if checkpointing else 'off'}")
+             f"activation checkpointing {'on' if checkpointing else 'off'} | {kernels}")
     for line in data_lines:
         log.info(line)
     batches_per_epoch = len(plan(0))
@@ -185,6 +190,7 @@ def main(cfg: Config) -> dict:
     refuse_values_below(cfg, {"batch_size": 1, "grad_accum": 1, "max_seq_len": 2, "max_steps": 0, "loss_chunk": 0,
                               "log_every": 1, "eval_every": 0, "save_every": 0, "keep_last": 1})
     rt = setup_runtime(cfg.seed)
+    liger = resolve_liger(cfg.liger, rt.device)  # --liger=on without a GPU or liger-kernel: refused before any output
     device_map, max_memory = layer_split_device_map(cfg.device_map, cfg.max_memory_per_gpu, rt.device, rt.world_size)
     out = Path(cfg.output_dir)
 
@@ -221,6 +227,7 @@ def main(cfg: Config) -> dict:
 
     # ---- model: quantized base, LoRA adapters
     model = load_model(model_dir, cfg.quantization, dtype, device_map, max_memory=max_memory)
+    kernels = apply_liger_kernels(model) if liger else "liger off"  # before LoRA: Liger looks for the bare layers
     # split by layers (--device_map=auto), the embedding is on the first GPU and the head on the last: the batch goes
     # to the one, the loss is taken on the other, and the step log's mem is the fullest GPU
     input_device = model.get_input_embeddings().weight.device
@@ -230,6 +237,8 @@ def main(cfg: Config) -> dict:
     model = prepare_for_lora_training(model, cfg.quantization != "none", checkpointing)
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                      modules_to_save=cfg.lora_modules_to_save or None)
+    if cfg.compile:  # after the adapters, so that the compiled layers include them
+        kernels += f" | {compile_decoder_layers(model)} decoder layers compiled"
     train_model = model
     if rt.distributed:
         ddp_devices = [rt.local_rank] if rt.device.type == "cuda" else None
@@ -240,7 +249,8 @@ def main(cfg: Config) -> dict:
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
-    log_startup(log, cfg, model_dir, model, precision, checkpointing, data_lines, plan, lengths, total_steps, rt)
+    log_startup(log, cfg, model_dir, model, precision, checkpointing, kernels, data_lines, plan, lengths, total_steps,
+                rt)
 
     # ---- training loop
     stream = batch_stream(plan, start_batch=start_step * cfg.grad_accum)  # resume: past what was trained on

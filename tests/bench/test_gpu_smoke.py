@@ -27,7 +27,7 @@ def test_dry_run_lists_every_recipe_and_part_within_560_s_and_runs_nothing(tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = re.findall(r"^  \[lane \d\] (.+) \| part (\w+) \| limit (\d+) s", proc.stdout, re.M)
     commands = re.findall(r"^      \$ (.+)$", proc.stdout, re.M)
-    assert len(steps) == len(commands) == 20
+    assert len(steps) == len(commands) == 22
     names = {name: part for name, part, _ in steps}
     for folder in ("sft/qlora", "sft/full-ft-deepspeed-offload", "sft/fsdp-qlora", "sft/peft-int4", "cls/qlora",
                    "cls/full-ft-deepspeed-offload", "cls/peft-int4", "cls/reward-qlora", "pretrain/deepspeed",
@@ -36,6 +36,7 @@ def test_dry_run_lists_every_recipe_and_part_within_560_s_and_runs_nothing(tmp_p
         assert any(f"bash {folder}/run.sh --max_steps=4 " in c for c in commands), folder
     assert names["pretrain/deepspeed --zero_stage=3"] == "a"
     assert sum(c.endswith("--zero_stage=3") for c in commands) == 1
+    assert names["sft/qlora --liger=off"] == names["sft/qlora --packing"] == "a"  # Liger on/off and packing on CUDA
     assert sorted(set(names.values())) == ["a", "a2", "b", "c", "d"]
     assert any("LLAMA_RECIPES_TEST_DEVICE=cuda" in c and "tests/common/test_data_padding.py" in c for c in commands)
     assert any("bench/peers.py --family=sft" in c and "--rounds=2" in c and "--seq_len=2048" in c for c in commands)

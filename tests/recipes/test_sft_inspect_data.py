@@ -34,8 +34,8 @@ def run_inspect(recipe: str, *args: str):
     return module.main(module.parse_config(module.Config, ["--inspect_data", *args]))
 
 
-@pytest.mark.parametrize("recipe,packing", [(r, False) for r in RECIPES] + [("sft/qlora", True)],
-                         ids=[*RECIPES, "sft/qlora-packing"])
+@pytest.mark.parametrize("recipe,packing", [(r, False) for r in RECIPES] + [(r, True) for r in RECIPES],
+                         ids=[*RECIPES, *(f"{r}-packing" for r in RECIPES)])
 def test_inspect_data_reports_the_data_and_loads_no_weights(recipe, packing, tmp_path, capsys):
     model_dir = model_folder_without_weights(recipe, tmp_path)
     out = tmp_path / "out"
