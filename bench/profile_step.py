@@ -7,7 +7,7 @@ torch.profiler, printed as a table of the operators with the most self time.
 
 The batch is the recipes' own (length-grouped, left-padded, labels masked), the loss the recipes'
 (common.losses.causal_lm_loss_sum: the LM head on the trained tokens only, --loss_chunk at a time if given),
-AdamW steps the trainable parameters; two warm-up steps are left out of the profile.
+the recipes' AdamW (fused) steps the trainable parameters; two warm-up steps are left out of the profile.
 """
 import argparse
 import sys
@@ -21,6 +21,7 @@ from common.data import build_sft_examples, collate_left_padded, plan_batches, r
 from common.logs import quiet_third_party_logs  # noqa: E402
 from common.losses import causal_lm_loss_sum, loss_window  # noqa: E402
 from common.model import add_lora, load_model, load_tokenizer, prepare_for_lora_training, resolve_model_path  # noqa: E402
+from common.optim import make_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def main():
         model = add_lora(model, args.lora_r, 16, args.lora_dropout, ["all-linear"])
     model.train()
     head = model.get_output_embeddings()
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    optimizer = make_optimizer(model, "adamw", 1e-4, 0.0, device)  # the recipes' AdamW, fused
 
     def step(i):
         batch = {k: v.to(device) for k, v in collate_left_padded([examples[j] for j in batches[i % len(batches)]],

@@ -11,10 +11,12 @@ Checkpoint layout (the same names as common/checkpoint.py, so `latest_checkpoint
 Every rank writes into checkpoints/.step_00000040.tmp; rank 0 renames it into place once all ranks are done. The
 folder must therefore be on a file system all ranks share (DeepSpeed assumes the same).
 """
+import atexit
 import contextlib
 import copy
 import io
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -31,7 +33,7 @@ name_the_cpu_accelerator()  # on import: the DeepSpeed recipes import this modul
 def init_distributed():
     """deepspeed.init_distributed() without the line it prints when its CPU shared-memory all-reduce loads
     ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", a bare print); anything else it prints
-    is shown as it was. Every rank calls it."""
+    is shown as it was. Every rank calls it; each removes its shared-memory buffer when its process exits."""
     import deepspeed
 
     printed = io.StringIO()
@@ -40,6 +42,19 @@ def init_distributed():
     for line in printed.getvalue().splitlines():
         if not re.fullmatch(r"DeepSpeed \S+ built successfully", line):
             print(line, flush=True)
+    atexit.register(remove_file, shm_all_reduce_buffer())  # named now: a later run in this process gets a new port
+
+
+def shm_all_reduce_buffer(shm_dir: Path = Path("/dev/shm")) -> Path:
+    """This rank's file of DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp): 69 MB of
+    RAM-backed /dev/shm per rank of a multi-process CPU run, named by user, MASTER_ADDR, MASTER_PORT and rank, that
+    DeepSpeed 0.19 never unlinks: without removal every such run leaves them behind until reboot."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('RANK', '0')}"
+
+
+def remove_file(path: Path):
+    path.unlink(missing_ok=True)
 
 
 def quiet_deepspeed_warnings():

@@ -14,7 +14,8 @@ PEERS = REPO / "bench" / "peers.py"
 sys.path.insert(0, str(REPO / "bench"))
 import peers  # noqa: E402
 
-ROW = re.compile(r"^\| (\w+) \(([^)]*)\) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$")
+ROW = re.compile(r"^\| (\w+) \(([^)]*)\) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                 r"([\d.]+)x \|$")
 
 
 def run_peers(tmp_path, *args) -> tuple[dict, dict]:
@@ -26,8 +27,9 @@ def run_peers(tmp_path, *args) -> tuple[dict, dict]:
     rows = {}
     for line in proc.stdout.splitlines():
         if m := ROW.match(line):
-            name, _, tok_s, step_ms, mem, useful, loss, ratio = m.groups()
+            name, _, tok_s, computed_tok_s, step_ms, mem, useful, loss, ratio = m.groups()
             rows[name] = {"tok_s": float(tok_s.replace(",", "")), "step_ms": float(step_ms.replace(",", "")),
+                          "computed_tok_s": float(computed_tok_s.replace(",", "")),
                           "mem": float(mem), "useful": float(useful), "loss": float(loss), "ratio": float(ratio)}
     return rows, json.loads(out.read_text())
 
@@ -37,6 +39,8 @@ def assert_finite_rows(rows: dict, names: list[str]):
     for name, row in rows.items():
         assert all(math.isfinite(v) for v in row.values()), (name, row)
         assert row["tok_s"] > 0 and row["step_ms"] > 0 and row["mem"] > 0 and 0 < row["useful"] <= 1, (name, row)
+        # real tokens are a share of the computed ones: real tok/s = useful x computed tok/s (to the table's rounding)
+        assert row["tok_s"] <= row["computed_tok_s"] + 1, (name, row)
     assert rows["ours"]["ratio"] == 1.0
 
 

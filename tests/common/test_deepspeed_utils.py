@@ -1,12 +1,13 @@
 """common/deepspeed_utils.py: the DeepSpeed JSON with the values the Config owns written in (a disagreement is an
 error), a bad --ds_config in one line, and init_distributed dropping only DeepSpeed's "built successfully" print."""
+import os
 import sys
 import types
 
 import pytest
 
 from common.config import UserError
-from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config
+from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config, remove_file, shm_all_reduce_buffer
 
 OWNED = {"train_micro_batch_size_per_gpu": (4, "--batch_size"), "gradient_accumulation_steps": (2, "--grad_accum"),
          "zero_optimization.stage": (3, "--zero_stage"), "optimizer": (None, "--lr")}
@@ -51,3 +52,21 @@ def test_init_distributed_drops_only_the_shm_op_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=fake_init_distributed))
     init_distributed()
     assert capsys.readouterr().out == "a line DeepSpeed has to say\n"
+
+
+def test_each_rank_names_its_own_shm_buffer_as_deepspeed_does(monkeypatch, tmp_path):
+    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> behind; the
+    recipes remove their own rank's at exit, and no other file."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29715")
+    monkeypatch.setenv("RANK", "1")
+    mine = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29715_1"
+    others = [tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29715_0",
+              tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29716_1"]
+    for path in (mine, *others):
+        path.write_bytes(b"x")
+    assert shm_all_reduce_buffer(tmp_path) == mine
+    remove_file(mine)
+    remove_file(mine)  # gone already: no error
+    assert not mine.exists() and all(p.exists() for p in others)
+
