@@ -42,7 +42,7 @@ def init_distributed():
     for line in printed.getvalue().splitlines():
         if not re.fullmatch(r"DeepSpeed \S+ built successfully", line):
             print(line, flush=True)
-    atexit.register(remove_file, shm_all_reduce_buffer())  # named now: a later run in this process gets a new port
+    atexit.register(shm_all_reduce_buffer().unlink, missing_ok=True)  # named now: a later run here gets a new port
 
 
 def shm_all_reduce_buffer(shm_dir: Path = Path("/dev/shm")) -> Path:
@@ -51,10 +51,6 @@ def shm_all_reduce_buffer(shm_dir: Path = Path("/dev/shm")) -> Path:
     DeepSpeed 0.19 never unlinks: without removal every such run leaves them behind until reboot."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('RANK', '0')}"
-
-
-def remove_file(path: Path):
-    path.unlink(missing_ok=True)
 
 
 def quiet_deepspeed_warnings():

@@ -84,7 +84,7 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapter input (QLoRA paper: 0.05-0.1; masks cost ~30% of a CPU step)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. q_proj,v_proj
     lora_modules_to_save: list[str] = field(default_factory=list)  # trained in full beside LoRA, e.g. lm_head
-    compile: bool = False  # torch.compile each decoder layer (each new batch shape compiles first; docs/benchmarks.md)
+    compile: bool = False  # torch.compile each decoder layer (the first batch compiles: ~1 min on CPU; see README)
     liger: Literal["auto", "on", "off"] = "auto"  # Liger's RMSNorm/RoPE/SwiGLU kernels; auto: on a GPU when installed
     # data
     data_path: str = str(SAMPLE_DATA / "train.jsonl")  # training records

@@ -6,8 +6,9 @@ import types
 
 import pytest
 
+from common import deepspeed_utils
 from common.config import UserError
-from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config, remove_file, shm_all_reduce_buffer
+from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config, shm_all_reduce_buffer
 
 OWNED = {"train_micro_batch_size_per_gpu": (4, "--batch_size"), "gradient_accumulation_steps": (2, "--grad_accum"),
          "zero_optimization.stage": (3, "--zero_stage"), "optimizer": (None, "--lr")}
@@ -54,7 +55,7 @@ def test_init_distributed_drops_only_the_shm_op_line(monkeypatch, capsys):
     assert capsys.readouterr().out == "a line DeepSpeed has to say\n"
 
 
-def test_each_rank_names_its_own_shm_buffer_as_deepspeed_does(monkeypatch, tmp_path):
+def test_each_rank_removes_its_own_shm_buffer_at_exit(monkeypatch, tmp_path):
     """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> behind; the
     recipes remove their own rank's at exit, and no other file."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -66,7 +67,13 @@ def test_each_rank_names_its_own_shm_buffer_as_deepspeed_does(monkeypatch, tmp_p
     for path in (mine, *others):
         path.write_bytes(b"x")
     assert shm_all_reduce_buffer(tmp_path) == mine
-    remove_file(mine)
-    remove_file(mine)  # gone already: no error
+    at_exit = []  # what init_distributed leaves for the process's exit, with the shm folder pointed at tmp_path
+    monkeypatch.setattr(deepspeed_utils.atexit, "register", lambda fn, **kwargs: at_exit.append((fn, kwargs)))
+    monkeypatch.setattr(deepspeed_utils, "shm_all_reduce_buffer", lambda: shm_all_reduce_buffer(tmp_path))
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=lambda: None))
+    init_distributed()
+    assert len(at_exit) == 1
+    for _ in range(2):  # gone already the second time: no error
+        fn, kwargs = at_exit[0]
+        fn(**kwargs)
     assert not mine.exists() and all(p.exists() for p in others)
-
