@@ -449,16 +449,16 @@ def batch_stream(plan, start_batch: int = 0):
         epoch += 1
 
 
-def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
-    """Concatenate examples into rows of at most pack_len tokens (best fit, longest first), each row keeping its
-    examples' labels and lengths (`segments`) so collate_packed can keep them apart. Deterministic."""
+def pack_lengths(lengths: list[int], pack_len: int) -> list[list[int]]:
+    """Rows of example indices whose lengths sum to at most pack_len (best fit, longest first; an example longer
+    than pack_len gets a row of its own). Deterministic."""
     import bisect
 
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), sorted: the tightest row that fits is found by bisect
     for i in order:
-        n = len(examples[i]["input_ids"])
+        n = lengths[i]
         at = bisect.bisect_left(free, (n, -1))
         if at < len(free):
             room, row = free.pop(at)
@@ -467,9 +467,28 @@ def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
         else:
             rows.append([i])
             bisect.insort(free, (pack_len - n, len(rows) - 1))
+    return rows
+
+
+def pack_examples(examples: list[dict], pack_len: int) -> list[dict]:
+    """Concatenate examples into rows of at most pack_len tokens (pack_lengths), each row keeping its examples'
+    labels, lengths (`segments`) and indices in `examples` (`members`) so collate_packed can keep them apart."""
+    rows = pack_lengths([len(e["input_ids"]) for e in examples], pack_len)
     return [{"input_ids": [t for i in row for t in examples[i]["input_ids"]],
              "labels": [t for i in row for t in examples[i]["labels"]],
-             "segments": [len(examples[i]["input_ids"]) for i in row]} for row in rows]
+             "segments": [len(examples[i]["input_ids"]) for i in row], "members": row} for row in rows]
+
+
+def packed_segment_ids(rows: list[dict], width: int) -> torch.Tensor:
+    """[rows, width]: which of its row's examples (0, 1, ...) each position of the left-padded packed rows holds;
+    -1 on padding."""
+    segment_id = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = width - sum(row["segments"])
+        for s, n in enumerate(row["segments"]):
+            segment_id[r, start:start + n] = s
+            start += n
+    return segment_id
 
 
 def flatten_for_flash_attention(batch: dict) -> dict:
@@ -498,11 +517,10 @@ def collate_packed(rows: list[dict], pad_id: int, attention: str = "sdpa") -> di
     batch of one row. A pad has position id 0 there, an example of one token of its own, with no loss."""
     batch = collate_left_padded(rows, pad_id)
     width = batch["input_ids"].shape[1]
-    segment_id = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    segment_id = packed_segment_ids(rows, width)
     for r, row in enumerate(rows):
         start = width - sum(row["segments"])
-        for s, n in enumerate(row["segments"]):
-            segment_id[r, start:start + n] = s
+        for n in row["segments"]:
             batch["position_ids"][r, start:start + n] = torch.arange(n)
             start += n
     if attention == "flash_attention_2":

@@ -37,10 +37,7 @@ def trained_token_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chu
     token_loss_sum."""
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
-    targets = next_token_targets(labels, hidden.shape[1]).flatten()
-    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    states = hidden.flatten(0, 1)[trained.to(hidden.device)]
-    targets = targets[trained].to(hidden.device)
+    states, targets, _ = trained_states(hidden, labels)
     if not chunk_tokens:
         return head_loss_sum(head, states, targets)
     total = states.sum().float() * 0  # 0 joined to the graph: backward works when no token is trained
@@ -52,6 +49,40 @@ def trained_token_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chu
 
 def head_loss_sum(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(states).float(), targets, reduction="sum")
+
+
+def trained_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a trained token, [tokens, hidden], their targets on hidden's device, and their
+    flat positions among hidden's last columns (found on labels' device: no GPU wait for CPU labels)."""
+    targets = next_token_targets(labels, hidden.shape[1]).flatten()
+    trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    states = hidden.flatten(0, 1)[trained.to(hidden.device)]
+    return states, targets[trained].to(hidden.device), trained
+
+
+def sequence_logps(hidden: torch.Tensor, head, labels: torch.Tensor, owner: torch.Tensor, n_sequences: int,
+                   chunk_tokens: int = 0) -> torch.Tensor:
+    """[n_sequences] fp32: the summed log-likelihood of each sequence's trained tokens (what DPO, IPO, SimPO and ORPO
+    compare), the LM head run only where a trained token is predicted, as in trained_token_loss_sum (chunk_tokens
+    too). owner, shaped like labels: the sequence (0 .. n_sequences - 1) each token belongs to; a left-padded batch
+    holds one sequence per row, packed rows several, so a row's sum is not enough."""
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
+    states, targets, trained = trained_states(hidden, labels)
+    owners = next_token_targets(owner, hidden.shape[1]).flatten()[trained]  # the sequence of each predicted token
+    step = chunk_tokens or max(len(targets), 1)
+    pieces = [states[:0].sum(-1).float()]  # empty, joined to the graph: backward works when no token is trained
+    for start in range(0, len(targets), step):
+        args = (head, states[start:start + step], targets[start:start + step])
+        pieces.append(checkpoint(head_logps, *args, use_reentrant=False) if chunk_tokens else head_logps(*args))
+    logps = torch.cat(pieces)
+    sums = torch.zeros(n_sequences, dtype=logps.dtype, device=logps.device)
+    return sums.index_add(0, owners.to(logps.device), logps)
+
+
+def head_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target under head(states), without a second [tokens, vocabulary] copy."""
+    return -F.cross_entropy(head(states).float(), targets, reduction="none")
 
 
 def causal_lm_loss_sum(model, head, batch: dict, labels: torch.Tensor, window: int, chunk_tokens: int = 0):

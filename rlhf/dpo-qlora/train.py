@@ -3,8 +3,7 @@ projection (fresh, or an SFT adapter that keeps training), trained on pairs of a
 answer becomes more likely than the rejected one. Losses: DPO (sigmoid), IPO, and the reference-free SimPO and ORPO.
 
 Default run, no GPU, no download (tiny random-init Llama, bundled letter-reversal pairs: chosen the right reversal,
-rejected a near miss), about a minute on 2 CPU cores:
-    cd rlhf/dpo-qlora && bash run.sh
+rejected a near miss), about a minute on 2 CPU cores: cd rlhf/dpo-qlora && bash run.sh
 One GPU, a real checkpoint, from an SFT adapter (step 3 after sft/qlora and cls/reward-qlora):
     bash run.sh --model_path=/models/Llama-2-7b-hf --init_adapter=../../sft/qlora/out/final \
         --data_path=pairs.jsonl --eval_data_path=eval_pairs.jsonl --prompt_template=chat
@@ -13,6 +12,7 @@ Data (.jsonl, .json, .jsonl.zst): text pairs {"prompt" (or "instruction", "input
 the Alpaca or the chat template as the sft recipes render them; conversational pairs {"chosen": [messages],
 "rejected": [messages]} (HH / UltraFeedback style: the messages both share are the prompt, each goes on with one
 final assistant reply) through the chat template. Only the answers carry loss; long pairs lose prompt tokens first.
+--packing: a micro-batch's answers several to a row, kept apart (less padding; exact per answer, tested).
 The reference costs no second model and no second forward per step: the log-likelihoods of every answer under the
 starting model (the base, or base + --init_adapter) are computed once before step 1 and stored in
 output_dir/reference_logps.safetensors, which --resume reads back (README.md says why). SimPO and ORPO need none.
@@ -38,7 +38,7 @@ from common.checkpoint import (
     resume_adapter_training,
     save_checkpoint,
 )
-from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
+from common.config import UserError, config_to_dict, exit_on_user_error, parse_config, refuse_values_below
 from common.data import (
     batch_stream,
     build_preference_pairs,
@@ -60,7 +60,7 @@ from common.model import (
     resolve_model_path,
 )
 from common.optim import make_optimizer, resolve_lr, warmup_cosine
-from common.preference import all_pair_logps, answer_tokens, pair_logps
+from common.preference import all_pair_logps, answer_tokens, pair_logps, pair_padding_efficiency, pair_tokens_computed
 from common.runtime import (
     all_reduce_sum,
     catch_stop_signals,
@@ -97,6 +97,7 @@ class Config:
     prompt_template: Literal["alpaca", "chat"] = "alpaca"  # text pairs: the Alpaca prompt or the chat template
     max_seq_len: int = 1024  # per side; longer pairs lose prompt tokens from the left first, then answer tokens
     group_by_length: bool = True  # batch pairs of similar length together: less padding
+    packing: bool = False  # a micro-batch's answers packed into rows of max_seq_len, kept apart by masks (less padding)
     inspect_data: bool = False  # data only: pairs, lengths, truncation, bad records; exit, no weights loaded
     # optimization
     epochs: float = 1.0  # passes over the training pairs (ignored when max_steps > 0)
@@ -107,6 +108,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW decay (not on norms and biases)
     warmup_ratio: float = 0.1  # fraction of steps with linear warmup, then cosine decay to 10%
     max_grad_norm: float = 1.0  # gradient clipping
+    loss_chunk: int = 0  # > 0: the LM head and log-softmax on this many tokens at a time (less memory, large vocab)
     optim: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"  # 8-bit ones need a GPU
     seed: int = 42  # seeds LoRA init and data order
     # output, logging, checkpoints
@@ -138,6 +140,11 @@ def data_lines(files: dict, tokenizer) -> list[str]:
     return lines
 
 
+def pack_len(cfg: Config) -> int:
+    """The packed rows' length for common.preference (0: left-padded rows, one answer each)."""
+    return cfg.max_seq_len if cfg.packing else 0
+
+
 def load_or_compute_reference(model, cfg: Config, out: Path, sets: dict, pad_id: int, rt, autocast, log) -> dict:
     """The reference log-likelihoods of every set ({"train": pairs, "eval": pairs}): read back from output_dir by a
     --resume (its adapter has trained since), else computed now from the starting model and stored by rank 0."""
@@ -154,7 +161,8 @@ def load_or_compute_reference(model, cfg: Config, out: Path, sets: dict, pad_id:
         log.info(f"reference log-probs read from {path}")
         return stored
     t0 = time.perf_counter()
-    stored = {name: all_pair_logps(model, pairs, cfg.batch_size, pad_id, rt, autocast) for name, pairs in sets.items()}
+    stored = {name: all_pair_logps(model, pairs, cfg.batch_size, pad_id, rt, autocast, pack_len(cfg), cfg.loss_chunk)
+              for name, pairs in sets.items()}
     if rt.is_main:
         tmp = path.with_suffix(".tmp")
         save_file(stored, tmp)
@@ -175,7 +183,7 @@ def batch_losses(cfg: Config, beta: float, chosen_logps, rejected_logps, tokens,
 
 def evaluate(model, cfg: Config, beta: float, pairs: list[dict], reference, pad_id: int, rt, autocast) -> dict:
     """Eval loss, reward accuracy and margin, and the answers' mean log-likelihoods over all eval pairs."""
-    logps = all_pair_logps(model, pairs, cfg.batch_size, pad_id, rt, autocast)
+    logps = all_pair_logps(model, pairs, cfg.batch_size, pad_id, rt, autocast, pack_len(cfg), cfg.loss_chunk)
     losses, chosen, rejected = batch_losses(cfg, beta, logps[:, 0], logps[:, 1], answer_tokens(pairs), reference)
     return {"eval_loss": losses.mean().item(), "eval_reward_accuracy": reward_accuracy(chosen, rejected).mean().item(),
             "eval_reward_margin": (chosen - rejected).mean().item(), "eval_logps_chosen": logps[:, 0].mean().item(),
@@ -196,6 +204,8 @@ def save_final(model, tokenizer, final_dir: Path, rt):
 def main(cfg: Config) -> dict:
     # ---- setup
     quiet_third_party_logs()
+    refuse_values_below(cfg, {"batch_size": 1, "grad_accum": 1, "max_seq_len": 2, "max_steps": 0, "loss_chunk": 0,
+                              "log_every": 1, "eval_every": 0, "save_every": 0, "keep_last": 1})
     lr = resolve_lr(cfg.lr, cfg.model_path, real_base_lr=5e-6, tiny_lr=2e-3)
     cfg = dataclasses.replace(cfg, lr=lr.value)  # config.json records the rate used
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
@@ -236,6 +246,7 @@ def main(cfg: Config) -> dict:
         return plan_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length, rt.rank, rt.world_size)
 
     batches_per_epoch = len(plan(0))
+    efficiency = pair_padding_efficiency(train_pairs, plan(0), pack_len(cfg))  # answer tokens / tokens computed
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, total_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
@@ -244,7 +255,7 @@ def main(cfg: Config) -> dict:
     model = load_model(model_dir, cfg.quantization, dtype, device_map, max_memory=max_memory)
     input_device = model.get_input_embeddings().weight.device  # the first GPU of a layer split
     devices = sorted({p.device for p in model.parameters()}, key=str)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    pad_id = model.config.pad_token_id = tokenizer.pad_token_id
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     model = prepare_for_lora_training(model, cfg.quantization != "none", checkpointing)
     if init_adapter:
@@ -257,7 +268,6 @@ def main(cfg: Config) -> dict:
     else:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     trainable, total = count_parameters(model)
-    pad_id = tokenizer.pad_token_id
     adapter = f"the SFT adapter {init_adapter}" if init_adapter else f"LoRA r={cfg.lora_r}"
     reference_note = "reference: the starting model, stored" if uses_reference else "no reference"
     log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + {adapter} | trainable "
@@ -266,13 +276,15 @@ def main(cfg: Config) -> dict:
         log.info(line)
     log.info(f"steps    {total_steps} ({total_steps * cfg.grad_accum / batches_per_epoch:.2f} epochs), batch "
              f"{cfg.batch_size} pairs x accum {cfg.grad_accum} x {rt.world_size} ranks, lr {lr.description} | "
-             f"device {rt.describe()}")
+             f"padding efficiency {efficiency:.3f} (--packing={cfg.packing}) | device {rt.describe()}")
     if cfg.device_map == "auto":  # no hf_device_map: it all fit on the first GPU
         split = describe_layer_split(getattr(model, "hf_device_map", {"": str(input_device)}))
         log.info(f"layers   {split}; one GPU computes at a time | mem: peak of the fullest GPU")
     # the reference: the starting model's log-likelihoods, before any update and before --resume loads an adapter
     sets = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     reference = load_or_compute_reference(model, cfg, out, sets, pad_id, rt, autocast, log) if uses_reference else {}
+    head = model.get_output_embeddings()  # of the unwrapped model: the loss runs it on the trained tokens only
+    attention = model.config._attn_implementation  # how packed rows keep their answers apart
     train_model = model
     if rt.distributed:
         ddp_devices = [rt.local_rank] if rt.device.type == "cuda" else None
@@ -292,20 +304,22 @@ def main(cfg: Config) -> dict:
         first_eval = evaluate(model, cfg, beta, eval_pairs, eval_reference, pad_id, rt, autocast)
         log.log(0, first_eval)
     model.train()
-    train_seconds, tokens_seen, losses = 0.0, 0, []
+    train_seconds, tokens_seen, tokens_computed, losses = 0.0, 0, 0, []
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         chunk = [next(stream) for _ in range(cfg.grad_accum)]
         n_pairs = sum(len(batch) for batch in chunk)
         n_tokens = sum(lengths[i] for batch in chunk for i in batch)
-        n_pairs, n_tokens = all_reduce_sum([n_pairs, n_tokens], rt)
+        n_computed = sum(pair_tokens_computed(train_pairs, batch, pack_len(cfg)) for batch in chunk)
+        n_pairs, n_tokens, n_computed = all_reduce_sum([n_pairs, n_tokens, n_computed], rt)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, accuracy, margin, chosen and rejected log-likelihood
         for i, batch in enumerate(chunk):
             sync = i == len(chunk) - 1 or not rt.distributed
             ref = reference["train"][batch] if uses_reference else None
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast:
-                chosen_logps, rejected_logps = pair_logps(train_model, train_pairs, batch, pad_id, input_device)
+                chosen_logps, rejected_logps = pair_logps(train_model, head, train_pairs, batch, pad_id, input_device,
+                                                          pack_len(cfg), attention, cfg.loss_chunk)
             pair_losses, chosen, rejected = batch_losses(cfg, beta, chosen_logps, rejected_logps, train_tokens[batch],
                                                          ref)
             # mean over the pairs of the whole step on all ranks (DDP averages gradients, hence * world_size)
@@ -334,6 +348,7 @@ def main(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
         train_seconds += dt
         tokens_seen += int(n_tokens)
+        tokens_computed += int(n_computed)
         losses.append(loss)
         log.advance()
         if step % cfg.log_every == 0 or step == total_steps:
@@ -376,7 +391,7 @@ def main(cfg: Config) -> dict:
     cleanup(rt)
     return {"model": model, "tokenizer": tokenizer, "losses": losses, "eval": results, "first_eval": first_eval,
             "final_dir": final_dir, "train_seconds": train_seconds, "tokens": tokens_seen,
-            "steps": total_steps - start_step}
+            "tokens_computed": tokens_computed, "steps": total_steps - start_step}
 
 
 if __name__ == "__main__":

@@ -177,8 +177,9 @@ def test_packed_rows_compute_each_example_as_if_alone(model, tokenizer, target):
     width = batch["input_ids"].shape[1]
     for r, row in enumerate(rows):
         start = width - sum(row["segments"])
-        for n in row["segments"]:
+        for n, member in zip(row["segments"], row["members"]):
             ids = batch["input_ids"][r, start:start + n]
+            assert ids.tolist() == examples[member]["input_ids"]  # members: which example each segment is
             with torch.no_grad():
                 alone = model(input_ids=ids[None]).logits[0]
             assert_close(packed[r, start:start + n], alone, target, atol=1e-4, msg=f"row {r}")

@@ -69,6 +69,25 @@ def test_every_loss_trains_from_its_formulas_starting_value(loss, first_loss, fe
 
 
 @pytest.mark.slow
+def test_packed_answers_train_as_the_same_pairs_padded(few_pairs, tmp_path):
+    """--packing: a micro-batch's 16 answers in packed rows (restarting positions, a block mask) give the reference,
+    the log-likelihoods and the losses of the left-padded rows, one answer each, with fewer tokens computed (these
+    pairs are much alike: 0.981 of the padded rows' tokens are answers, 0.997 of the packed ones')."""
+    args = [f"--data_path={few_pairs}", "--max_steps=3"]
+    padded = run_main(tmp_path / "padded", *args)
+    packed = run_main(tmp_path / "packed", *args, "--packing=true")
+    reference = [load_file(tmp_path / run / dpo.REFERENCE_FILE)["train"] for run in ("padded", "packed")]
+    assert torch.allclose(reference[1], reference[0], atol=1e-4)
+    assert packed["losses"] == pytest.approx(padded["losses"], rel=1e-3)
+    assert packed["losses"][-1] < packed["losses"][0]  # it learns: not log 2 throughout
+    first = [read_metrics(tmp_path / run)[0] for run in ("padded", "packed")]
+    assert first[0]["step"] == first[1]["step"] == 1
+    for key in ("logps_chosen", "logps_rejected"):  # the policy before any update: the same numbers
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-5)
+    assert packed["tokens"] == padded["tokens"] and packed["tokens_computed"] < padded["tokens_computed"]
+
+
+@pytest.mark.slow
 def test_resume_reads_the_stored_reference_and_continues_exactly(few_pairs, tmp_path):
     args = [f"--data_path={few_pairs}", "--max_steps=3", "--save_every=1", "--keep_last=3"]
     first = run_main(tmp_path / "out", *args)
