@@ -14,6 +14,7 @@ converted to tokenizer.json (reading the gguf takes 10-60 s per vocabulary; the 
 - Qwen2: ggml-vocab-qwen2 (151,936), its ChatML template from the gguf, pad = eos = <|endoftext|>, no BOS added.
 """
 import copy
+import fcntl
 import json
 import os
 import shutil
@@ -97,18 +98,23 @@ def vocab_dir() -> Path:
     names = [f"ggml-vocab-{v}.gguf{ext}" for v in VOCABS for ext in ("", ".inp", ".out")]
     if all((vocab / name).is_file() for name in names):
         return vocab
-    sdist = downloads / SDIST_FILE
-    if not sdist.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        # only llama-cpp-python as source: --no-binary :all: would build its build backend's own dependencies too
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-                   SDIST_SPEC, "-d", str(downloads)]
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0 or not sdist.is_file():
-            pytest.fail(f"`{' '.join(command)}` failed: the test vocabularies come from {SDIST_SPEC}'s source "
-                        f"distribution and need the package registry.\n{result.stdout[-1000:]}{result.stderr[-2000:]}")
-    vocab.mkdir(parents=True, exist_ok=True)
-    extract_vocabularies(sdist, vocab, names)
+    downloads.mkdir(parents=True, exist_ok=True)
+    with open(downloads / ".vocab.lock", "w") as lock:  # test files on two workers need it at once: one downloads
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all((vocab / name).is_file() for name in names):
+            return vocab
+        sdist = downloads / SDIST_FILE
+        if not sdist.is_file():
+            # only llama-cpp-python as source: --no-binary :all: would build its build backend's dependencies too
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                       SDIST_SPEC, "-d", str(downloads)]
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900)
+            if result.returncode != 0 or not sdist.is_file():
+                pytest.fail(f"`{' '.join(command)}` failed: the test vocabularies come from {SDIST_SPEC}'s source "
+                            f"distribution and need the package registry.\n{result.stdout[-1000:]}"
+                            f"{result.stderr[-2000:]}")
+        vocab.mkdir(parents=True, exist_ok=True)
+        extract_vocabularies(sdist, vocab, names)
     return vocab
 
 

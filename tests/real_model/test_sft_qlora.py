@@ -97,3 +97,46 @@ def test_merged_model_answers_in_chat_and_stops_at_end_of_turn(merged, smollm2_d
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows), rows[0]["prompt"]
     assert all(0 < n < 40 for n in lengths), rows  # stopped at <|im_end|>, far before max_new_tokens
     assert "rome" in rows[0]["output"].lower(), rows
+
+
+def test_exported_gguf_of_base_plus_adapter_gives_the_merged_logits(sft_run, merged, smollm2_dir, tmp_path):
+    """tools/export_gguf.py on the trained adapter (merged on the fly, f16, the chat template it trained with):
+    transformers reads the file back to the merged model's logits (f16 weights: within 0.05 of logits up to ~30), the
+    byte-level BPE tokenizer to the same ids, and the Modelfile carries ChatML in Ollama's syntax."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.data import collate_left_padded
+    from common.model import load_tokenizer
+
+    out = tmp_path / "sft.gguf"
+    result = load_tool("export_gguf").export_gguf(str(smollm2_dir), str(out), str(sft_run[0] / "final"), "f16",
+                                                  "chat")
+    assert result["tokenizer"] == "gpt2" and result["pre"] == "gpt-2"
+    tokenizer = load_tokenizer(merged)
+    batch = collate_left_padded([{"input_ids": tokenizer(t).input_ids} for t in TEXTS], tokenizer.pad_token_id)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(**batch).logits[real]
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+        got = back(**batch).logits[real]
+    assert (got - expected).abs().max() < 0.05, (got - expected).abs().max()
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    for text in (*TEXTS, chat):
+        assert back_tokenizer(text).input_ids == tokenizer(text).input_ids, text
+    modelfile = out.with_suffix(".Modelfile").read_text()
+    assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_llama_cpp_answers_as_transformers_on_the_exported_gguf(sft_run, smollm2_dir):
+    """llama.cpp itself (llama-cpp-python, built from source: skipped where it is not installed, as in CI) on the f16
+    export of the trained adapter: every chat prompt tokenized to transformers' ids and answered with transformers'
+    greedy tokens (bench/gguf_llama_cpp.py, which prints this comparison)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see bench/gguf_llama_cpp.py)")
+    from bench.gguf_llama_cpp import compare
+
+    (row,) = compare(str(smollm2_dir), str(sft_run[0] / "final"), ["f16"], "chat", new_tokens=16, threads=2)
+    assert row["same_ids"] == row["prompts"] == 4
+    assert row["same_greedy"] == row["prompts"], (row["llama_cpp"], row["transformers"])
