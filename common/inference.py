@@ -30,6 +30,7 @@ from common.data import (
     require_str,
     without_template_bos,
 )
+from common.layer_split import layer_split_device_map
 from common.model import load_model, load_tokenizer, resolve_model_path
 
 HEAD_FILES = ("labels.json", "reward_model.json")  # what the cls recipes write beside a classifier / reward model
@@ -125,36 +126,46 @@ def import_gptqmodel_quietly():
 
 
 def load_for_inference(model_dir, adapter_dir=None, load_in_4bit=False, num_labels=None, dtype=torch.float32,
-                       device=None):
+                       device=None, device_map="single", max_memory_per_gpu=""):
     """A model in eval mode: the checkpoint in model_dir (full precision, GPTQ as stored, or NF4-quantized on load
     with load_in_4bit), with the LoRA adapter in adapter_dir on top when given. num_labels: a sequence classifier with
-    that many outputs (its score head comes from the adapter or the checkpoint); None: a causal LM."""
+    that many outputs (its score head comes from the adapter or the checkpoint); None: a causal LM. device_map
+    'auto' spreads the layers over the visible GPUs (common.layer_split, capped by max_memory_per_gpu), planned on
+    the meta device before any weight is read: a model that does not fit is a one-line error."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or torch.device("cpu")
     model_class = AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM
     head = {"num_labels": num_labels} if num_labels else {}
-    device_map = {"": device} if device.type == "cuda" else None
+    placement, max_memory = layer_split_device_map(device_map, max_memory_per_gpu, device, 1)
     method = quantization_method(model_dir)
     if method == "gptq":
         if load_in_4bit:
             raise UserError(f"{model_dir} is already GPTQ-quantized; drop --load_in_4bit")
         from common.gptq import load_gptq_model
 
-        model = load_gptq_model(model_dir, model_class, dtype, device_map, **head)
+        model = load_gptq_model(model_dir, model_class, dtype, placement, max_memory=max_memory, **head)
     else:
         if load_in_4bit and method:
             raise UserError(f"{model_dir} is already quantized ({method}); drop --load_in_4bit")
-        model = load_model(model_dir, "nf4" if load_in_4bit else "none", dtype, device_map, model_class=model_class,
-                           **head)
+        model = load_model(model_dir, "nf4" if load_in_4bit else "none", dtype, placement, model_class=model_class,
+                           max_memory=max_memory, **head)
     if adapter_dir is not None:
         from peft import PeftModel
 
         import_gptqmodel_quietly()
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    if device_map is None and not load_in_4bit and method is None:
+    if placement is None and not load_in_4bit and method is None:
         model.to(device)
     return model.eval()
+
+
+def add_device_map_arguments(parser):
+    """--device_map and --max_memory_per_gpu, as the recipes take them, for a tool that loads a model."""
+    parser.add_argument("--device_map", default="single", choices=("single", "auto"),
+                        help="auto: the layers split over all visible GPUs, for a model too big for one")
+    parser.add_argument("--max_memory_per_gpu", default="",
+                        help="auto: weights cap per GPU, 22GiB or 10GiB,22GiB (default: what is free)")
 
 
 def load_inference_tokenizer(model_dir, adapter_dir=None):
@@ -290,7 +301,7 @@ def generate_texts(model, tokenizer, prompt_ids: list[list[int]], batch_size: in
     """Generated continuations of every prompt (special tokens dropped), in the order of prompt_ids. Prompts are
     batched by length (longest first, so an out-of-memory shows at once) and left-padded: pads get attention 0 and
     generate numbers positions from the mask, so a row's output does not depend on its batch mates."""
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first GPU of a layer split
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     outputs = [""] * len(prompt_ids)
     for start in range(0, len(order), batch_size):

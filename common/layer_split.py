@@ -107,8 +107,9 @@ def raise_if_layer_split_spills(plan: dict, max_memory: dict):
     if not spilled:
         return
     caps = [size for device, size in max_memory.items() if isinstance(device, int)]
-    allowed = ", ".join(f"{size / 2**30:.1f}" for size in caps)
-    raise UserError(f"the model does not fit on {len(caps)} GPU(s) with {allowed} GiB allowed per GPU "
+    unit, scale, digits = ("MiB", 2**20, 0) if max(caps) < 2**30 else ("GiB", 2**30, 1)  # under 1 GiB: not 0.0 GiB
+    allowed = ", ".join(f"{size / scale:.{digits}f}" for size in caps)
+    raise UserError(f"the model does not fit on {len(caps)} GPU(s) with {allowed} {unit} allowed per GPU "
                     f"(--max_memory_per_gpu): {summarize_modules(spilled)} would be offloaded to CPU/disk; try more "
                     "GPUs (CUDA_VISIBLE_DEVICES), a larger --max_memory_per_gpu, or a 4-bit base")
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.cls_eval import (  # noqa: E402
     ClsLoss,
     cls_loss_sum,
+    input_device,
     prediction_rows,
     score_examples,
     target_tensor,
@@ -46,6 +47,7 @@ from common.data import (  # noqa: E402
     read_records,
 )
 from common.inference import (  # noqa: E402
+    add_device_map_arguments,
     encode_prompt,
     generate_texts,
     generation_prompt,
@@ -74,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
+    add_device_map_arguments(p)
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward or generate call (8)")
     p.add_argument("--max_seq_len", type=int, default=1024, help="longer examples are cut, as in training (1024)")
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "chat"),
@@ -127,7 +130,7 @@ def evaluate_sft(args, model, tokenizer, records) -> dict:
     from common.losses import count_trained_tokens, token_loss_sum
 
     examples, stats = build_sft_examples(records, tokenizer, args.max_seq_len, args.prompt_template)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # a layer split's first GPU
     loss_sum, n_tokens = 0.0, 0
     batches = plan_batches([len(e["input_ids"]) for e in examples], args.batch_size, 0, 0, True)
     with torch.no_grad():
@@ -169,7 +172,7 @@ def evaluate_classifier(args, model, tokenizer, records, head: dict, task: str) 
                                          label_names if task == "classification" else None, text_field,
                                          args.label_field, head.get("append_eos", True))
     classifier = PooledClassifier(model, head.get("pooling", "last")).eval()
-    device = next(model.parameters()).device
+    device = input_device(classifier)  # a layer split's first GPU
     scores = score_examples(classifier, examples, len(label_names), args.batch_size, tokenizer.pad_token_id, device)
     targets = [e["label"] for e in examples]
     loss = ClsLoss(task, "mse" if task == "regression" else "ce")  # the plain loss, whatever the training used
@@ -194,7 +197,8 @@ def evaluate(args) -> dict:
     tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
     model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit,
                                num_labels=head["num_labels"] if task != "sft" else None,
-                               dtype=parse_dtype(args.dtype, device), device=device)
+                               dtype=parse_dtype(args.dtype, device), device=device, device_map=args.device_map,
+                               max_memory_per_gpu=args.max_memory_per_gpu)
     if task == "sft":
         metrics = evaluate_sft(args, model, tokenizer, records)
     else:

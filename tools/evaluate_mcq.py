@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, collate_left_padded  # noqa: E402
 from common.inference import (  # noqa: E402
+    add_device_map_arguments,
     inference_device,
     load_for_inference,
     load_inference_tokenizer,
@@ -150,7 +151,7 @@ def score_prompts(model, prompts: list[list[int]], candidates: list[list[int]], 
     padding: one forward of the prompts when every candidate is one token, else one row per (prompt, candidate)."""
     import torch
 
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # a layer split's first GPU
     single = all(len(c) == 1 for c in candidates)
     rows = prompts if single else [p + c for p in prompts for c in candidates]
     scores = []
@@ -191,7 +192,8 @@ def evaluate_mcq(args) -> dict:
     device = inference_device()
     tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
     model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, dtype=parse_dtype(args.dtype, device),
-                               device=device)
+                               device=device, device_map=args.device_map,
+                               max_memory_per_gpu=args.max_memory_per_gpu)
     subjects, predictions = {}, []
     for subject in wanted:
         language = prompt_language(questions[subject], args.language)
@@ -253,6 +255,7 @@ def main(argv=None) -> dict:
     p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
+    add_device_map_arguments(p)
     p.add_argument("--out", help="also write the JSON results here")
     p.add_argument("--predictions", help="write one line per question here (answer, prediction, probabilities)")
     args = p.parse_args(argv)

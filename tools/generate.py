@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, Record, read_records  # noqa: E402
 from common.inference import (  # noqa: E402
+    add_device_map_arguments,
     encode_prompt,
     generate_texts,
     generation_prompt,
@@ -60,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
+    add_device_map_arguments(p)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin and stream the answers")
     args = p.parse_args(argv)
     if not args.interactive and not (args.prompts and args.out):
@@ -77,7 +79,8 @@ def load(args):
     device = inference_device()
     tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
     model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, dtype=parse_dtype(args.dtype, device),
-                               device=device)
+                               device=device, device_map=args.device_map,
+                               max_memory_per_gpu=args.max_memory_per_gpu)
     torch.manual_seed(args.seed)
     config = make_generation_config(model, tokenizer, args.max_new_tokens, args.do_sample, args.temperature,
                                     args.top_p, args.top_k)
