@@ -149,3 +149,34 @@ def test_pick_tokens_is_greedy_at_temperature_zero():
     jobs = [serve.Job([1], 4, 0.0, 1.0, [], None), serve.Job([1], 4, 1.0, 1e-6, [], 0)]
     generators = [torch.Generator().manual_seed(0) for _ in jobs]
     assert serve.pick_tokens(logits, jobs, generators) == [1, 0]  # top_p near 0: the likeliest token only
+
+
+def chromium_path():
+    """A headless Chromium for the page check: $LLAMA_RECIPES_CHROMIUM, or what bench/install_chromium.sh unpacked."""
+    from common.model import cache_dir
+
+    given = os.environ.get("LLAMA_RECIPES_CHROMIUM") or str(cache_dir() / "chromium" / "chromium")
+    return given if os.path.isfile(given) else None
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="no headless Chromium here (bash bench/install_chromium.sh)")
+def test_the_chat_page_in_headless_chromium(server, expected, tmp_path):
+    """The page in a real browser: a message typed and sent with Enter streams back generate.py's greedy answer;
+    the screenshot is written beside the test's files and its path printed."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    args = ["--no-sandbox", "--no-zygote", "--single-process", "--use-gl=angle", "--use-angle=swiftshader"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=args, headless=True)
+        page = browser.new_page(viewport={"width": 900, "height": 600})
+        page.goto(f"{server}/")
+        page.fill("#max_tokens", str(MAX_TOKENS))
+        page.fill("#input", PROMPTS[0])
+        page.press("#input", "Enter")
+        page.wait_for_selector('.assistant[data-done="true"]', timeout=60_000)
+        shown = page.inner_text(".assistant")
+        screenshot = tmp_path / "chat_page.png"
+        page.screenshot(path=str(screenshot))
+        browser.close()
+    print(f"chat page screenshot: {screenshot}")
+    assert shown.strip() == expected[PROMPTS[0]].strip()
+    assert screenshot.stat().st_size > 5_000
