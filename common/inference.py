@@ -160,12 +160,29 @@ def load_for_inference(model_dir, adapter_dir=None, load_in_4bit=False, num_labe
     return model.eval()
 
 
-def add_device_map_arguments(parser):
-    """--device_map and --max_memory_per_gpu, as the recipes take them, for a tool that loads a model."""
+def add_model_arguments(parser):
+    """The options of a tool that loads a trained model: --model, --adapter, --load_in_4bit, --dtype, and the
+    recipes' --device_map / --max_memory_per_gpu."""
+    parser.add_argument("--model",
+                        help="a local model folder or 'tiny'; default: the base the --adapter was trained on")
+    parser.add_argument("--adapter", help="a LoRA output folder (out/final) to put on --model")
+    parser.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--device_map", default="single", choices=("single", "auto"),
                         help="auto: the layers split over all visible GPUs, for a model too big for one")
     parser.add_argument("--max_memory_per_gpu", default="",
                         help="auto: weights cap per GPU, 22GiB or 10GiB,22GiB (default: what is free)")
+
+
+def load_from_args(args, num_labels=None):
+    """(model, tokenizer, model_dir, adapter_dir) from add_model_arguments' options."""
+    model_dir, adapter_dir = resolve_model_and_adapter(args.model, args.adapter)
+    device = inference_device()
+    tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
+    model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, num_labels, parse_dtype(args.dtype, device),
+                               device, args.device_map, args.max_memory_per_gpu)
+    return model, tokenizer, model_dir, adapter_dir
 
 
 def load_inference_tokenizer(model_dir, adapter_dir=None):

@@ -47,7 +47,7 @@ from common.data import (  # noqa: E402
     read_records,
 )
 from common.inference import (  # noqa: E402
-    add_device_map_arguments,
+    add_model_arguments,
     encode_prompt,
     generate_texts,
     generation_prompt,
@@ -67,16 +67,11 @@ TASKS = ("auto", "sft", "classification", "regression")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local model folder or 'tiny'; default: the base the --adapter was trained on")
-    p.add_argument("--adapter", help="a LoRA output folder (out/final) to put on --model")
+    add_model_arguments(p)  # --model, --adapter, --load_in_4bit, --dtype, --device_map, --max_memory_per_gpu
     p.add_argument("--data", required=True, help="labelled records (.jsonl, .json, .jsonl.zst)")
     p.add_argument("--task", default="auto", choices=TASKS, help="auto: from labels.json, else sft")
     p.add_argument("--out", help="also write the JSON results here")
     p.add_argument("--predictions", help="write one line per record here (label or generated answer)")
-    p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
-    add_device_map_arguments(p)
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward or generate call (8)")
     p.add_argument("--max_seq_len", type=int, default=1024, help="longer examples are cut, as in training (1024)")
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "chat"),

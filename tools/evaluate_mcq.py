@@ -40,12 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, collate_left_padded  # noqa: E402
 from common.inference import (  # noqa: E402
-    add_device_map_arguments,
-    inference_device,
-    load_for_inference,
-    load_inference_tokenizer,
-    parse_dtype,
-    resolve_model_and_adapter,
+    add_model_arguments,
+    load_from_args,
 )
 from common.logs import quiet_third_party_logs  # noqa: E402
 
@@ -188,12 +184,7 @@ def evaluate_mcq(args) -> dict:
     dev = subject_files(data, "dev") if args.shots else {}
     questions = {s: read_questions(tests[s]) for s in wanted}  # every file read before the model loads
     shots = {s: read_questions(dev[s])[: args.shots] if s in dev else [] for s in wanted}
-    model_dir, adapter_dir = resolve_model_and_adapter(args.model, args.adapter)
-    device = inference_device()
-    tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
-    model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, dtype=parse_dtype(args.dtype, device),
-                               device=device, device_map=args.device_map,
-                               max_memory_per_gpu=args.max_memory_per_gpu)
+    model, tokenizer, model_dir, adapter_dir = load_from_args(args)
     subjects, predictions = {}, []
     for subject in wanted:
         language = prompt_language(questions[subject], args.language)
@@ -243,8 +234,7 @@ def write_atomically(path: Path, text: str):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local model folder or 'tiny'; default: the base the --adapter was trained on")
-    p.add_argument("--adapter", help="a LoRA output folder (out/final) to put on --model")
+    add_model_arguments(p)  # --model, --adapter, --load_in_4bit, --dtype, --device_map, --max_memory_per_gpu
     p.add_argument("--data", required=True, help="the benchmark folder (<data>/<split>/*.csv, <data>/dev/*.csv)")
     p.add_argument("--split", default="test", help="the split scored: test (MMLU, CMMLU) or val (C-Eval)")
     p.add_argument("--shots", type=int, default=5, help="k-shot examples from <data>/dev (default %(default)s)")
@@ -252,10 +242,6 @@ def main(argv=None) -> dict:
     p.add_argument("--language", default="auto", choices=("auto", "en", "zh"), help="the prompt's language")
     p.add_argument("--max_seq_len", type=int, default=2048, help="prompt tokens at most (default %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per forward (default %(default)s)")
-    p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
-    add_device_map_arguments(p)
     p.add_argument("--out", help="also write the JSON results here")
     p.add_argument("--predictions", help="write one line per question here (answer, prediction, probabilities)")
     args = p.parse_args(argv)

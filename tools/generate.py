@@ -29,25 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, Record, read_records  # noqa: E402
 from common.inference import (  # noqa: E402
-    add_device_map_arguments,
+    add_model_arguments,
     encode_prompt,
     generate_texts,
     generation_prompt,
-    inference_device,
-    load_for_inference,
-    load_inference_tokenizer,
+    load_from_args,
     make_generation_config,
-    parse_dtype,
-    resolve_model_and_adapter,
 )
 from common.logs import quiet_third_party_logs  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local model folder or 'tiny'; default: the base the --adapter was trained on")
-    p.add_argument("--adapter", help="a LoRA output folder (out/final) to put on --model")
-    p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
+    add_model_arguments(p)  # --model, --adapter, --load_in_4bit, --dtype, --device_map, --max_memory_per_gpu
     p.add_argument("--prompts", help="records to answer (.jsonl, .json, .jsonl.zst)")
     p.add_argument("--out", help="where the {prompt, output} lines go")
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "chat"),
@@ -59,9 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=0.9, help="sampling: nucleus mass (default %(default)s)")
     p.add_argument("--top_k", type=int, default=50, help="sampling: among the k likeliest (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling (default %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
-    add_device_map_arguments(p)
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin and stream the answers")
     args = p.parse_args(argv)
     if not args.interactive and not (args.prompts and args.out):
@@ -75,12 +66,7 @@ def load(args):
     """Model, tokenizer and generation config from the options."""
     import torch
 
-    model_dir, adapter_dir = resolve_model_and_adapter(args.model, args.adapter)
-    device = inference_device()
-    tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
-    model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, dtype=parse_dtype(args.dtype, device),
-                               device=device, device_map=args.device_map,
-                               max_memory_per_gpu=args.max_memory_per_gpu)
+    model, tokenizer, model_dir, adapter_dir = load_from_args(args)
     torch.manual_seed(args.seed)
     config = make_generation_config(model, tokenizer, args.max_new_tokens, args.do_sample, args.temperature,
                                     args.top_p, args.top_k)

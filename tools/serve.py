@@ -32,14 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone scr
 from common.config import exit_on_user_error  # noqa: E402
 from common.data import DataError, Record  # noqa: E402
 from common.inference import (  # noqa: E402
-    add_device_map_arguments,
+    add_model_arguments,
     encode_prompt,
     generation_prompt,
-    inference_device,
-    load_for_inference,
-    load_inference_tokenizer,
-    parse_dtype,
-    resolve_model_and_adapter,
+    load_from_args,
     stop_token_ids,
 )
 from common.logs import quiet_third_party_logs  # noqa: E402
@@ -306,12 +302,7 @@ async def stream_events(job: Job, head: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local model folder or 'tiny'; default: the base the --adapter was trained on")
-    p.add_argument("--adapter", help="a LoRA output folder (out/final) to put on --model")
-    p.add_argument("--load_in_4bit", action="store_true", help="quantize --model to NF4 on load (bitsandbytes)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and compute; auto: bf16 on a GPU, fp32 on CPU")
-    add_device_map_arguments(p)
+    add_model_arguments(p)  # --model, --adapter, --load_in_4bit, --dtype, --device_map, --max_memory_per_gpu
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "chat"),
                    help="the template the model was trained with (the sft recipes' --prompt_template)")
     p.add_argument("--name", default="", help="the model id the API reports (default: the adapter or model folder)")
@@ -327,12 +318,7 @@ def main(argv=None):
     import uvicorn
 
     with exit_on_user_error():
-        model_dir, adapter_dir = resolve_model_and_adapter(args.model, args.adapter)
-        device = inference_device()
-        tokenizer = load_inference_tokenizer(model_dir, adapter_dir)
-        model = load_for_inference(model_dir, adapter_dir, args.load_in_4bit, dtype=parse_dtype(args.dtype, device),
-                                   device=device, device_map=args.device_map,
-                                   max_memory_per_gpu=args.max_memory_per_gpu)
+        model, tokenizer, model_dir, adapter_dir = load_from_args(args)
     name = args.name or Path(adapter_dir or model_dir).name
     waiting = queue.Queue()
     worker = threading.Thread(target=decoder_loop, args=(model, tokenizer, waiting, args.batch_size,

@@ -34,9 +34,12 @@ def two_gpus(monkeypatch):
     is given and stops there."""
     import transformers
 
+    import common.inference
+
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    for name in TOOLS:
-        monkeypatch.setattr(load_tool(name), "inference_device", lambda: torch.device("cuda", 0))
+    for module in [common.inference, *(load_tool(name) for name in TOOLS)]:
+        if hasattr(module, "inference_device"):
+            monkeypatch.setattr(module, "inference_device", lambda: torch.device("cuda", 0))
 
     def record(*args, device_map=None, **kwargs):
         raise Planned(device_map)

@@ -44,6 +44,9 @@ class AlwaysC(torch.nn.Module):
         self.vocab = len(tokenizer)
         self.favoured = [tokenizer.convert_tokens_to_ids("\u2581C"), tokenizer.convert_tokens_to_ids("C")]
 
+    def get_input_embeddings(self):
+        return SimpleNamespace(weight=self.anchor)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.favoured] = 5.0
@@ -55,7 +58,7 @@ class AlwaysC(torch.nn.Module):
     (ZH, "val", {"chinese_geography": 1 / 5, "elementary_mathematics": 2 / 5}),  # DBACB and CABDC
 ])
 def test_accuracy_and_averages_match_a_hand_count(data, split, by_subject, monkeypatch, tokenizer, tmp_path):
-    monkeypatch.setattr(mcq, "load_for_inference", lambda *a, **k: AlwaysC(tokenizer))
+    monkeypatch.setattr(mcq, "load_from_args", lambda args: (AlwaysC(tokenizer), tokenizer, "tiny", None))
     out = tmp_path / "results.json"
     results = run("--model=tiny", f"--data={data}", f"--split={split}", f"--out={out}",
                   f"--predictions={tmp_path / 'predictions.jsonl'}")
