@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
@@ -50,14 +50,19 @@ class RequestError(ValueError):
 
 @dataclass
 class Job:
-    """One chat completion: its prompt, sampling settings, and where its text goes (a queue the HTTP side reads)."""
+    """One chat completion: its prompt, sampling settings, and where its text goes: ("text", piece) ... then
+    ("done", finish_reason, usage) or ("error", message), handed from the decoder thread to the request's event loop."""
     prompt_ids: list[int]
     max_tokens: int
     temperature: float
     top_p: float
     stops: list[str]
     seed: int | None
-    out: queue.Queue = field(default_factory=queue.Queue)  # ("text", piece) ... then ("done", finish_reason, usage)
+    events: asyncio.Queue | None = None  # read by the HTTP handler
+    loop: asyncio.AbstractEventLoop | None = None  # the handler's loop: the only thread that may touch events
+
+    def emit(self, item: tuple):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 def parse_request(body, tokenizer, prompt_template: str, max_seq_len: int) -> Job:
@@ -177,7 +182,7 @@ def decode_batch(model, tokenizer, jobs: list[Job], stop_ids: set[int]):
                 # held back: a character still incomplete, and an ending that may grow into a stop string
                 ready = len(text) if finished[row] else len(text) - held_back(text, job.stops)
                 if ready > len(texts[row]):
-                    job.out.put(("text", text[len(texts[row]):ready]))
+                    job.emit(("text", text[len(texts[row]):ready]))
                     texts[row] = text[:ready]
             if all(finished):
                 break
@@ -187,7 +192,7 @@ def decode_batch(model, tokenizer, jobs: list[Job], stop_ids: set[int]):
     for row, job in enumerate(jobs):
         usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(generated[row]),
                  "total_tokens": len(job.prompt_ids) + len(generated[row])}
-        job.out.put(("done", finished[row] or "length", usage))
+        job.emit(("done", finished[row] or "length", usage))
 
 
 def decoder_loop(model, tokenizer, waiting: queue.Queue, batch_size: int, gather_seconds: float):
@@ -206,7 +211,7 @@ def decoder_loop(model, tokenizer, waiting: queue.Queue, batch_size: int, gather
             decode_batch(model, tokenizer, jobs, stop_ids)
         except Exception as e:  # a failed batch answers its requests with the error and the server goes on
             for job in jobs:
-                job.out.put(("error", f"{type(e).__name__}: {e}"))
+                job.emit(("error", f"{type(e).__name__}: {e}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,8 +225,8 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 async def next_event(job: Job):
-    """The next item of a job's queue, waited for without blocking the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, job.out.get)
+    """The next item the decoder emitted for a job (no thread waits: the loop is woken when it comes)."""
+    return await job.events.get()
 
 
 def make_app(model_name: str, tokenizer, waiting: queue.Queue, prompt_template: str, max_seq_len: int):
@@ -257,6 +262,7 @@ def make_app(model_name: str, tokenizer, waiting: queue.Queue, prompt_template: 
             return error_response(400, f"the body is not JSON: {e}")
         except RequestError as e:
             return error_response(400, str(e))
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
         waiting.put(job)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": completion_id, "created": created, "model": model_name}

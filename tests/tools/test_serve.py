@@ -1,5 +1,5 @@
 """tools/serve.py on the tiny model, as a server on localhost driven by the official openai client: greedy answers
-equal tools/generate.py's (alone, streamed, and six at once in one batch), stop strings and max_tokens end an answer
+equal tools/generate.py's (alone, streamed, and twelve at once), stop strings and max_tokens end an answer
 with the right finish_reason, bad requests get a 4xx JSON error and the server keeps serving, /v1/models names the
 model, and / serves the chat page wired to the same endpoint."""
 import json
@@ -93,10 +93,18 @@ def test_streamed_pieces_join_to_the_same_answer(client, expected):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_six_requests_at_once_are_answered_as_each_alone(client, expected):
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(lambda prompt: ask(client, prompt).choices[0].message.content, PROMPTS))
-    assert answers == [expected[p] for p in PROMPTS]
+def answer(client, prompt: str, stream: bool) -> str:
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in ask(client, prompt, stream=True))
+    return ask(client, prompt).choices[0].message.content
+
+
+def test_twelve_requests_at_once_are_answered_as_each_alone(client, expected):
+    """Twelve at once, half streamed: more than one batch (--batch_size 8), every answer its own."""
+    requests = [(prompt, stream) for stream in (False, True) for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda request: answer(client, *request), requests))
+    assert answers == [expected[prompt] for prompt, _ in requests]
 
 
 def test_stop_string_and_max_tokens_end_the_answer(client, expected):
