@@ -17,6 +17,17 @@ import torch
 STATE_FILE = "trainer_state.pt"
 
 
+def atomic_write_text(target: Path, text: str) -> Path:
+    """Write text (UTF-8) to a temporary file beside `target`, then rename it into place: a reader sees the old
+    file or the whole new one, never half of it; the folder is made if missing."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
 def atomic_write_dir(target: Path, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to `target` in one rename (replacing an older `target`). When write
     raises, the temporary folder is removed and `target` stays as it was."""

@@ -35,49 +35,27 @@ def trained_token_loss_sum(hidden: torch.Tensor, head, labels: torch.Tensor, chu
     one more head matmul per chunk. With a 128k vocabulary a 2,048-token row's logits are 1 GB in fp32. hidden: the
     final hidden states (after the last norm) of the last hidden.shape[1] positions, lined up with labels as in
     token_loss_sum."""
+    return -trained_token_logps(hidden, head, labels, chunk_tokens)[0].sum()
+
+
+def trained_token_logps(hidden: torch.Tensor, head, labels: torch.Tensor,
+                        chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of each trained token ([tokens], fp32) and where it is among the flattened last
+    hidden.shape[1] positions (found on labels' device), the head run as trained_token_loss_sum says: only on the
+    positions that predict a trained token, chunk_tokens at a time with recomputation when > 0."""
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
-    states, targets, _ = trained_states(hidden, labels)
-    if not chunk_tokens:
-        return head_loss_sum(head, states, targets)
-    total = states.sum().float() * 0  # 0 joined to the graph: backward works when no token is trained
-    for start in range(0, len(targets), chunk_tokens):
-        end = start + chunk_tokens
-        total = total + checkpoint(head_loss_sum, head, states[start:end], targets[start:end], use_reentrant=False)
-    return total
-
-
-def head_loss_sum(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(states).float(), targets, reduction="sum")
-
-
-def trained_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hidden states that predict a trained token, [tokens, hidden], their targets on hidden's device, and their
-    flat positions among hidden's last columns (found on labels' device: no GPU wait for CPU labels)."""
     targets = next_token_targets(labels, hidden.shape[1]).flatten()
     trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     states = hidden.flatten(0, 1)[trained.to(hidden.device)]
-    return states, targets[trained].to(hidden.device), trained
-
-
-def sequence_logps(hidden: torch.Tensor, head, labels: torch.Tensor, owner: torch.Tensor, n_sequences: int,
-                   chunk_tokens: int = 0) -> torch.Tensor:
-    """[n_sequences] fp32: the summed log-likelihood of each sequence's trained tokens (what DPO, IPO, SimPO and ORPO
-    compare), the LM head run only where a trained token is predicted, as in trained_token_loss_sum (chunk_tokens
-    too). owner, shaped like labels: the sequence (0 .. n_sequences - 1) each token belongs to; a left-padded batch
-    holds one sequence per row, packed rows several, so a row's sum is not enough."""
-    if chunk_tokens < 0:
-        raise ValueError(f"chunk_tokens must be 0 (one piece) or more, got {chunk_tokens}")
-    states, targets, trained = trained_states(hidden, labels)
-    owners = next_token_targets(owner, hidden.shape[1]).flatten()[trained]  # the sequence of each predicted token
-    step = chunk_tokens or max(len(targets), 1)
+    targets = targets[trained].to(hidden.device)
+    if not chunk_tokens:
+        return head_logps(head, states, targets), trained
     pieces = [states[:0].sum(-1).float()]  # empty, joined to the graph: backward works when no token is trained
-    for start in range(0, len(targets), step):
-        args = (head, states[start:start + step], targets[start:start + step])
-        pieces.append(checkpoint(head_logps, *args, use_reentrant=False) if chunk_tokens else head_logps(*args))
-    logps = torch.cat(pieces)
-    sums = torch.zeros(n_sequences, dtype=logps.dtype, device=logps.device)
-    return sums.index_add(0, owners.to(logps.device), logps)
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        pieces.append(checkpoint(head_logps, head, states[start:end], targets[start:end], use_reentrant=False))
+    return torch.cat(pieces), trained
 
 
 def head_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -85,15 +63,32 @@ def head_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return -F.cross_entropy(head(states).float(), targets, reduction="none")
 
 
+def sequence_logps(hidden: torch.Tensor, head, labels: torch.Tensor, owner: torch.Tensor, n_sequences: int,
+                   chunk_tokens: int = 0) -> torch.Tensor:
+    """[n_sequences] fp32: the summed log-likelihood of each sequence's trained tokens (what DPO, IPO, SimPO and ORPO
+    compare), through trained_token_logps. owner, shaped like labels: the sequence (0 .. n_sequences - 1) each token
+    belongs to; a left-padded batch holds one sequence per row, packed rows several, so a row's sum is not enough."""
+    logps, trained = trained_token_logps(hidden, head, labels, chunk_tokens)
+    owners = next_token_targets(owner, hidden.shape[1]).flatten()[trained]  # the sequence of each predicted token
+    sums = torch.zeros(n_sequences, dtype=logps.dtype, device=logps.device)
+    return sums.index_add(0, owners.to(logps.device), logps)
+
+
 def causal_lm_loss_sum(model, head, batch: dict, labels: torch.Tensor, window: int, chunk_tokens: int = 0):
     """The summed next-token loss of model(**batch) over labels' trained tokens, the recipes' training loss: the
     model computes the final hidden states and no logits (logits_to_keep is an empty list of positions), then
     trained_token_loss_sum runs `head` (the unwrapped model's get_output_embeddings(): the model may be wrapped by
     DDP) on the last `window` positions' trained tokens, all at once or chunk_tokens at a time."""
-    no_positions = torch.zeros(0, dtype=torch.long)  # logits_to_keep=1 would still run the head on one position
+    return trained_token_loss_sum(final_hidden_states(model, batch, window), head, labels, chunk_tokens)
+
+
+def final_hidden_states(model, batch: dict, window: int) -> torch.Tensor:
+    """model(**batch)'s final hidden states (after the last norm, as the LM head sees them) at the last `window`
+    positions, with no logits computed inside the model: logits_to_keep is an empty list of positions (=1 would
+    still run the head on one position per row)."""
+    no_positions = torch.zeros(0, dtype=torch.long)
     outputs = model(**batch, use_cache=False, logits_to_keep=no_positions, output_hidden_states=True)
-    hidden = outputs.hidden_states[-1][:, -window:]  # after the final norm, as the head sees it
-    return trained_token_loss_sum(hidden, head, labels, chunk_tokens)
+    return outputs.hidden_states[-1][:, -window:]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from common.data import (
     packed_segment_ids,
     plan_batches,
 )
-from common.losses import loss_window, sequence_logps
+from common.losses import final_hidden_states, loss_window, sequence_logps
 
 SIDES = ("chosen", "rejected")
 
@@ -63,9 +63,7 @@ def pair_logps(model, head, pairs: list[dict], batch: list[int], pad_id: int, de
     labels = inputs.pop("labels")  # stays on the CPU: the trained tokens are found there, no wait for the GPU
     window = loss_window(labels)
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    no_positions = torch.zeros(0, dtype=torch.long)  # no logits inside the model: the head runs in sequence_logps
-    outputs = model(**inputs, use_cache=False, logits_to_keep=no_positions, output_hidden_states=True)
-    hidden = outputs.hidden_states[-1][:, -window:]  # after the final norm, as the head sees it
+    hidden = final_hidden_states(model, inputs, window)  # no logits inside the model: the head runs in sequence_logps
     logps = sequence_logps(hidden, head, labels, owner, len(sequences), chunk_tokens)
     return logps[: len(batch)], logps[len(batch):]
 

@@ -22,11 +22,11 @@ labels.json says (last token or mean), scored by the head; accuracy, macro-F1, p
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
+from common.checkpoint import atomic_write_text  # noqa: E402
 from common.cls_eval import (  # noqa: E402
     ClsLoss,
     cls_loss_sum,
@@ -210,11 +210,7 @@ def main(argv=None) -> dict:
     text = json.dumps(results, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(Path(args.out), text + "\n")
     return results
 
 

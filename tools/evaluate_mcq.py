@@ -30,13 +30,13 @@ For the full benchmarks and many more tasks, EleutherAI's lm-evaluation-harness 
 import argparse
 import csv
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
+from common.checkpoint import atomic_write_text  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import DataError, collate_left_padded  # noqa: E402
 from common.inference import (  # noqa: E402
@@ -225,13 +225,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)  # --model, --adapter, --load_in_4bit, --dtype, --device_map, --max_memory_per_gpu
@@ -253,10 +246,10 @@ def main(argv=None) -> dict:
     predictions = results.pop("predictions")
     print(table(results))
     if args.out:
-        write_atomically(Path(args.out), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(Path(args.out), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if args.predictions:
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
-        write_atomically(Path(args.predictions), lines)
+        atomic_write_text(Path(args.predictions), lines)
     return {**results, "predictions": predictions}
 
 

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a standalone script: make `common` importable
+from common.checkpoint import atomic_write_text  # noqa: E402
 from common.config import UserError, exit_on_user_error  # noqa: E402
 from common.data import ALPACA_PROMPT_NO_INPUT, end_of_turn_ids  # noqa: E402
 from common.inference import load_inference_tokenizer, quantization_method  # noqa: E402
@@ -441,9 +442,7 @@ def export_gguf(model: str, out: str, adapter: str | None = None, type_name: str
             writer.close()
         partial_file.replace(out_path)
         text, has_template = modelfile_text(out_path.name, tokenizer, chat_template)
-        modelfile = out_path.with_suffix(".Modelfile")
-        modelfile.with_name(modelfile.name + ".partial").write_text(text, encoding="utf-8")
-        modelfile.with_name(modelfile.name + ".partial").replace(modelfile)
+        modelfile = atomic_write_text(out_path.with_suffix(".Modelfile"), text)
     return {"out": out_path, "modelfile": modelfile, "ollama_template": has_template, "parameters": n_params,
             "type": type_name, "tokenizer": fields["model"], "pre": fields.get("pre"), "source": folder,
             "bytes": out_path.stat().st_size}
