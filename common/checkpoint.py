@@ -240,6 +240,42 @@ def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards,
     return target
 
 
+def save_dcp_checkpoint(output_dir, step: int, keep_last: int, model, optimizer, scheduler) -> Path:
+    """A sharded checkpoint of FSDP2 (or pipeline-stage) modules: every rank writes its own shards of the weights and
+    optimizer state with torch.distributed.checkpoint, under their module names (pipeline stages name their layers
+    by global index, so the stages' names never clash); rank 0 adds the schedule and the step. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # the optimizer's groups flattened under parameter names too: saved as "param_groups.0.lr", two stages' group 0
+    # would overwrite each other
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+
+    def write_shards(tmp: Path):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+
+    extra = {"scheduler": scheduler.state_dict()}
+    return save_sharded_checkpoint(output_dir, step, keep_last, write_shards, extra=extra)
+
+
+def load_dcp_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """save_dcp_checkpoint's folder read back: each rank its own shards of the weights and optimizer state, the
+    schedule, this rank's RNG state. Returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+    trainer_state = load_sharded_trainer_state(folder)  # step, RNG
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    return trainer_state["step"]
+
+
 def load_sharded_trainer_state(folder: Path) -> dict:
     """trainer_state.pt of a sharded checkpoint, with this rank's RNG state restored (when the world size matches)."""
     state = load_state_file(folder)

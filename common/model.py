@@ -332,3 +332,35 @@ def resolve_attention(requested: str, device: torch.device) -> str:
     from common.runtime import has_native_bf16
 
     return "flash_attention_2" if has_native_bf16(device) and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def read_safetensors_subset(model_dir: Path, names: list[str]) -> dict:
+    """Only the named tensors of a Hugging Face checkpoint (model.safetensors, or the shards that
+    model.safetensors.index.json points to), read one at a time from the memory-mapped files: a pipeline stage holds
+    its own layers in host RAM, never the whole model."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (model_dir / "model.safetensors").is_file():
+        weight_map = dict.fromkeys(names, "model.safetensors")
+    else:
+        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (a pipeline stage reads "
+                        "only its own layers from safetensors files; convert .bin weights with save_pretrained)")
+    missing = [name for name in names if name not in weight_map]
+    if missing:
+        raise UserError(f"{index}: no tensor {missing[0]} ({len(missing)} missing): not this model's checkpoint")
+    state = {}
+    by_file = {}
+    for name in names:
+        by_file.setdefault(weight_map[name], []).append(name)
+    for file_name, file_names in by_file.items():
+        with safe_open(str(model_dir / file_name), framework="pt") as f:
+            present = set(f.keys())
+            for name in file_names:
+                if name not in present:
+                    raise UserError(f"{model_dir / file_name}: no tensor {name}: not this model's checkpoint")
+                state[name] = f.get_tensor(name)
+    return state

@@ -156,12 +156,12 @@ def training_precision(device: torch.device, loss_scaling: str) -> Precision:
     return Precision(torch.float32, False, f"fp32 ({capability}: no bf16, and FSDP here keeps no loss scaler)")
 
 
-def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
-    """Sum a few numbers over all ranks (identity in a single process)."""
+def all_reduce_sum(values: list[float], runtime: Runtime, group=None) -> list[float]:
+    """Sum a few numbers over all ranks, or over the ranks of `group` (identity in a single process)."""
     if not runtime.distributed:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 

@@ -202,7 +202,7 @@ def recompute_bytes(s: Shape, method: str, tokens: int, lora_dropout: float, r: 
 
 def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stage=0, offload="none", seq_len=1024,
              batch_size=1, gradient_checkpointing=None, gpus=1, lora_r=64, lora_dropout=0.05, layer_split=False,
-             fsdp=False, grad_accum=4, device="cuda", stage="sft", generations=8) -> dict:
+             fsdp=False, grad_accum=4, device="cuda", stage="sft", generations=8, pp=1, tp=1) -> dict:
     """Bytes per GPU (the fullest one) and of host RAM for one training run: the keys of ROWS plus host_offload,
     host_loading, host, params and trainable. Defaults are the recipes': bf16, checkpointing and 8-bit AdamW for the
     LoRA methods on a GPU (torch AdamW under FSDP), 4 micro-batches a step; fp32, AdamW and no checkpointing on CPU."""
@@ -210,6 +210,7 @@ def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stag
     optimizer = optimizer or ("adamw" if method == "full" or fsdp or device == "cpu" else "adamw_8bit")
     checkpointing = device == "cuda" if gradient_checkpointing is None else gradient_checkpointing
     check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device, stage)
+    check_parallel_options(shape, method, zero_stage, offload, gpus, device, pp, tp)
     s, lora, fp32 = shape, method != "full", dtype == "fp32"
     rows = batch_size * {"sft": 1, "dpo": 2, "grpo": generations}[stage]
     wide = 4 if fp32 else 2
@@ -227,7 +228,11 @@ def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stag
     activations = activation_bytes(s, method, tokens, checkpointing, lora_dropout, lora_r, fp32)
     overhead = CUDA_CONTEXT if device == "cuda" else 0.0
     host_offload, host_loading = 0.0, s.params * 2  # the bf16 checkpoint passes through the page cache
-    if not lora:  # DeepSpeed ZeRO: partitions over the GPUs, buckets from ds_config.json
+    if pp > 1 or tp > 1:  # sft/full-ft-pipeline (--pp), pretrain/fsdp (--tp): FSDP2 over dp = gpus / (pp x tp)
+        weights, gradients, opt, activations = parallel_shares(s, optimizer, tokens, checkpointing, gpus, pp, tp,
+                                                               grad_accum, fp32)
+        host_loading = 2 * s.params / pp  # each process reads only its stage's tensors
+    elif not lora:  # DeepSpeed ZeRO: partitions over the GPUs, buckets from ds_config.json
         if zero_stage >= 1:
             opt /= gpus
         if zero_stage >= 2:
@@ -286,6 +291,47 @@ def estimate(shape: Shape, method="qlora", optimizer=None, dtype=None, zero_stag
             "trainable": trainable}
 
 
+def parallel_shares(s: Shape, optimizer: str, tokens: int, checkpointing: bool, gpus: int, pp: int, tp: int,
+                    grad_accum: int, fp32: bool) -> tuple[float, float, float, float]:
+    """(weights, gradients, optimizer, activations) per GPU of a full fine-tune in pp pipeline stages, each stage's
+    matrices split tp ways (tensor parallel) and its parameters sharded over dp = gpus / (pp x tp) with FSDP2: fp32
+    master shards, gradients and AdamW; two decoder layers gathered in the compute dtype. The fullest stage counts:
+    the first (the embedding; 1F1B keeps min(pp, grad_accum) micro-batches' activations alive there) or the last
+    (the LM head, its logits, one micro-batch). Activations split tp ways (sequence parallel; approximate: the
+    logits are whole on every tp rank)."""
+    dp = gpus // (pp * tp)
+    wide = 4 if fp32 else 2
+    stage_layers = math.ceil(s.layers / pp)
+    embedding = s.vocab * s.hidden
+    ends = s.other_params if pp == 1 else max(embedding, s.other_params - embedding)
+    stage = (stage_layers * s.layer_params + ends) / tp
+    gathered = 2 * s.layer_params * wide / tp
+    weights = 4 * stage / dp + gathered
+    gradients = 4 * stage / dp
+    opt = OPTIMIZER_BYTES[optimizer] * stage / dp
+    last = activation_bytes(s, "full", tokens, checkpointing, 0.0, 0, fp32, stage_layers)
+    head_part = activation_bytes(s, "full", tokens, checkpointing, 0.0, 0, fp32, 0)
+    first = (last - head_part) * min(pp, grad_accum) + recompute_bytes(s, "full", tokens, 0.0, 0, fp32) * checkpointing
+    return weights, gradients, opt, max(first, last) / tp
+
+
+def check_parallel_options(s: Shape, method, zero_stage, offload, gpus, device, pp, tp):
+    """One-line UserErrors for --pp and --tp that do not fit the run."""
+    if pp < 1 or tp < 1:
+        raise UserError(f"--pp={pp} --tp={tp}: expected 1 or more each")
+    if pp == 1 and tp == 1:
+        return
+    if method != "full" or zero_stage or offload != "none" or device != "cuda":
+        raise UserError("--pp and --tp model full fine-tuning on GPUs with FSDP2 (sft/full-ft-pipeline, "
+                        "pretrain/fsdp): --method=full, no --zero_stage or --offload")
+    if gpus % (pp * tp):
+        raise UserError(f"--gpus={gpus}: must be a whole multiple of --pp x --tp = {pp * tp}")
+    if pp > s.layers:
+        raise UserError(f"--pp={pp}: the model has {s.layers} decoder layers, at least one per stage")
+    if s.heads % tp or s.kv_heads % tp:
+        raise UserError(f"--tp={tp}: must divide the {s.heads} attention and {s.kv_heads} key/value heads")
+
+
 def check_options(method, optimizer, dtype, zero_stage, offload, gpus, layer_split, fsdp, device, stage="sft"):
     """One-line UserErrors for values that are unknown or do not go together."""
     for name, value, valid in (("method", method, METHODS), ("stage", stage, STAGES),
@@ -326,6 +372,8 @@ def fits(total: float) -> list[str]:
 
 def print_run(shape: Shape, args, r: dict):
     split = " (layer split)" if args.layer_split else " (FSDP)" if args.fsdp else ""
+    if args.pp > 1 or args.tp > 1:
+        split = f" (pp {args.pp} x tp {args.tp} x dp {args.gpus // (args.pp * args.tp)}, FSDP2)"
 
     def size(n):
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
@@ -356,6 +404,9 @@ TABLE_RUNS = (  # (label, options, GPUs); the full fine-tunes as sft/full-ft-dee
     ("QLoRA, layer split (--device_map=auto)", {"method": "qlora", "layer_split": True}, 2),
     ("FSDP-QLoRA (sft/fsdp-qlora, AdamW)", {"method": "qlora", "fsdp": True}, 2),
     ("FSDP-QLoRA + --cpu_offload", {"method": "qlora", "fsdp": True, "offload": "optimizer+params"}, 2),
+    ("full, pipeline 4 stages x 2 dp (sft/full-ft-pipeline)", {"method": "full", "pp": 4}, 8),
+    ("full, pipeline 8 stages (sft/full-ft-pipeline)", {"method": "full", "pp": 8}, 8),
+    ("full, pipeline 8 stages x 2 dp, two nodes", {"method": "full", "pp": 8}, 16),
 )
 
 
@@ -365,7 +416,8 @@ def print_table(args):
     print("| model | method | GPUs | per GPU | host RAM | 24 GB card | 80 GB card |\n|---|---|---:|---:|---:|---|---|")
     for name in ("7B", "13B", "65B"):
         for label, options, gpus in TABLE_RUNS:
-            if gpus > 1 and name != "65B":
+            pipeline = "pp" in options  # 13B and 65B; the other multi-GPU rows: 65B
+            if (pipeline and name == "7B") or (gpus > 1 and not pipeline and name != "65B"):
                 continue
             r = estimate(SHAPES[name], seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
                          gpus=gpus, **options)
@@ -394,6 +446,9 @@ def main(argv=None):
                    help="LoRA methods: one process, the layers spread over the GPUs (--device_map=auto)")
     p.add_argument("--fsdp", type=parse_bool, nargs="?", const=True, default=False,
                    help="LoRA methods: FSDP shards the model over the GPUs (sft/fsdp-qlora)")
+    p.add_argument("--pp", type=int, default=1, help="--method=full: pipeline stages (sft/full-ft-pipeline); "
+                   "--gpus is then every GPU of the run, dp = gpus / (pp x tp)")
+    p.add_argument("--tp", type=int, default=1, help="--method=full: tensor-parallel ranks (pretrain/fsdp --tp)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu: the repo's fp32 CPU path")
     p.add_argument("--stage", default="sft", help="sft, dpo (rlhf/dpo-qlora: pairs) or grpo (rlhf/grpo-qlora)")
     p.add_argument("--generations", type=int, default=8, help="grpo: completions sampled per prompt")
@@ -405,7 +460,8 @@ def main(argv=None):
         shape = load_shape(args.model)
         r = estimate(shape, args.method, args.optimizer, args.dtype, args.zero_stage, args.offload, args.seq_len,
                      args.batch_size, args.gradient_checkpointing, args.gpus, args.lora_r, args.lora_dropout,
-                     args.layer_split, args.fsdp, args.grad_accum, args.device, args.stage, args.generations)
+                     args.layer_split, args.fsdp, args.grad_accum, args.device, args.stage, args.generations,
+                     args.pp, args.tp)
         print_run(shape, args, r)
 
 

@@ -28,10 +28,10 @@ from common.checkpoint import (
     atomic_write_dir,
     cast_floating,
     latest_checkpoint,
-    load_sharded_trainer_state,
+    load_dcp_checkpoint,
     prepare_output_dir,
     resume_checkpoint,
-    save_sharded_checkpoint,
+    save_dcp_checkpoint,
 )
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.logs import StepLogger, memory_gb, peak_memory_gb, quiet_third_party_logs
@@ -70,6 +70,7 @@ class Config:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: FA2 on GPU if installed
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: on with a GPU
     reshard_after_forward: bool = True  # free gathered weights after each layer's forward (ZeRO-3-like); off: ZeRO-2
+    tp: int = 1  # tensor-parallel ranks per model replica (heads and MLP columns split); processes = dp x tp
     # data
     data_path: str = str(REPO / "data" / "pretrain" / "shards")  # shards folder / manifest / .jsonl(.zst), tokens.bin
     eval_data_path: str = ""  # held-out shards or token file; '' for none
@@ -115,32 +116,45 @@ def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
     return model.state_dict(), added
 
 
-def load_fsdp_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
-    """Each rank reads its own shards of the weights and optimizer state back; the schedule too. Returns the step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def apply_tensor_parallel(model, tp_mesh):
+    """Megatron-style tensor parallelism with DTensor plans: q/k/v and gate/up split by output columns (each rank
+    its own attention heads and MLP slice), o and down by input rows, the vocabulary of the embedding and the LM head
+    split too; between them the residual stream and the RMSNorms are split along the sequence (sequence parallel),
+    gathered before attention and the MLP, reduce-scattered after. The LM head's logits come back whole."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    trainer_state = load_sharded_trainer_state(ckpt)  # step, RNG
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    return trainer_state["step"]
-
-
-def save_fsdp_checkpoint(out: Path, step: int, keep_last: int, model, optimizer, scheduler) -> Path:
-    """Every rank writes its shards of the weights and optimizer state (torch.distributed.checkpoint); rank 0 adds
-    the schedule and the step. Every rank must call it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-
-    def write_shards(tmp: Path):
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-
-    return save_sharded_checkpoint(out, step, keep_last, write_shards, extra={"scheduler": scheduler.state_dict()})
+    tp = tp_mesh.size()
+    if model.config.num_key_value_heads % tp or model.config.num_attention_heads % tp:
+        raise UserError(f"--tp={tp}: the model's {model.config.num_attention_heads} attention heads and "
+                        f"{model.config.num_key_value_heads} key/value heads must both divide evenly over the ranks")
+    parallelize_module(model, tp_mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    gathered = {"hidden_states": Replicate()}
+    for layer in model.model.layers:
+        parallelize_module(layer, tp_mesh, {
+            "input_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                            desired_input_kwarg_layouts=gathered),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
 
 
 def save_final(final_dir: Path, model, full_state: dict, tokenizer, dtype: torch.dtype, architecture: str):
@@ -159,6 +173,7 @@ def save_final(final_dir: Path, model, full_state: dict, tokenizer, dtype: torch
 def main(cfg: Config) -> dict:
     # ---- setup: a process group even for one process (fully_shard needs a device mesh), seed, device, threads
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
 
@@ -169,6 +184,14 @@ def main(cfg: Config) -> dict:
     rt = setup_runtime(cfg.seed)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
+    if cfg.tp < 1 or rt.world_size % cfg.tp:
+        raise UserError(f"--tp={cfg.tp}: the {rt.world_size} process(es) must be a whole multiple of it (dp x tp)")
+    if cfg.seq_len % cfg.tp:
+        raise UserError(f"--seq_len={cfg.seq_len}: must divide evenly over --tp={cfg.tp} ranks (sequence parallel)")
+    # ranks (dp, tp): the tp ranks of a replica are neighbours (one node's fast links), FSDP2 shards over dp
+    dp = rt.world_size // cfg.tp
+    mesh = init_device_mesh(rt.device.type, (dp, cfg.tp), mesh_dim_names=("dp", "tp"))
+    dp_rank, dp_group = mesh.get_local_rank("dp"), mesh["dp"].get_group()
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, rt.is_main)  # refuses to mix this run into an earlier, different one
     log = StepLogger(out, cfg.max_steps, cfg.report_to, enabled=rt.is_main, config=config_to_dict(cfg))
@@ -194,10 +217,12 @@ def main(cfg: Config) -> dict:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # bf16 weights for compute, fp32 for the gradient reduce-scatter and the optimizer's master copy
+    if cfg.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(layer, mesh=mesh["dp"], mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mesh=mesh["dp"], mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
     model.to_empty(device=rt.device)
     # the rotary embedding's inverse frequencies are a non-persistent buffer: to_empty left it uninitialised
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(rt.device)
@@ -218,29 +243,30 @@ def main(cfg: Config) -> dict:
         if ckpt is None:
             log.info(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
         else:
-            start_step = load_fsdp_checkpoint(ckpt, model, optimizer, scheduler)  # weights, optimizer, schedule, RNG
+            start_step = load_dcp_checkpoint(ckpt, model, optimizer, scheduler)  # weights, optimizer, schedule, RNG
             log.info(f"resumed from {ckpt} at step {start_step}")
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dp
     origin = f"from {cfg.init_from}" if cfg.init_from else "random init"
     grown = f", {added_rows} new token rows at the mean embedding" if added_rows else ""
     masked = ", documents masked from each other" if cfg.document_mask else ""
     log.info(f"model    {cfg.init_from or cfg.model_config}: {n_params:,} params ({origin}{grown}) | {attn} attention, "
              f"{compute.reason} | activation checkpointing {'on' if checkpointing else 'off'} | "
              f"{flops_token / 1e6:,.1f} MFLOPs/token")
-    log.info(f"fsdp     fully_shard on {len(model.model.layers)} layers + root over {rt.world_size} rank(s), "
+    log.info(f"fsdp     fully_shard on {len(model.model.layers)} layers + root over {dp} rank(s) x tensor parallel "
+             f"{cfg.tp} = {rt.world_size} process(es), "
              f"reshard after forward {'on' if cfg.reshard_after_forward else 'off'} | {type(optimizer).__name__}")
     log.info(f"data     train {cfg.data_path}: {train_source.describe()} | tokenizer {tokenizer_dir} "
              f"({len(tokenizer):,} tokens) | windows of {cfg.seq_len}{masked} | {cfg.num_workers} loader worker(s)")
     log.info(f"steps    {cfg.max_steps} x {tokens_per_step:,} tokens (batch {cfg.batch_size} x accum {cfg.grad_accum} "
-             f"x {rt.world_size} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
+             f"x {dp} ranks), lr {cfg.lr:g} warmup {cfg.warmup_steps} | device {rt.describe()}")
 
     def evaluate() -> float:
         """Mean loss per predicted token over eval_batches micro-batches per rank (every rank runs as many
         forwards, as the sharded weights need: a short eval set wraps around)."""
         model.eval()
         loss_sum = n_tokens = 0.0
-        batches = eval_batches(eval_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.seed,
+        batches = eval_batches(eval_source, cfg.seq_len, cfg.batch_size, dp_rank, dp, cfg.seed,
                                cfg.eval_batches, mask_mode)
         with torch.no_grad():
             for batch, counted in batches:  # uncounted: a rank with no eval document still joins every forward
@@ -251,18 +277,18 @@ def main(cfg: Config) -> dict:
                 loss_sum += loss.double() if counted else 0.0  # on the device, read once below
         model.train()
         loss_sum = float(loss_sum)  # the eval's one read of the device losses
-        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt, group=dp_group)  # tp ranks: the same
         return loss_sum / n_tokens
 
     # ---- training loop
     # endless batches, the first start_step * grad_accum skipped by the loader itself (each worker past its share)
-    batches = packed_loader(train_source, cfg.seq_len, cfg.batch_size, rt.rank, rt.world_size, cfg.num_workers,
+    batches = packed_loader(train_source, cfg.seq_len, cfg.batch_size, dp_rank, dp, cfg.num_workers,
                             cfg.seed, mask_mode, start_batch=start_step * cfg.grad_accum)
     model.train()
     if eval_source and start_step == 0:
         log.log(0, {"eval_loss": evaluate()})
     train_seconds, losses = 0.0, []
-    predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * rt.world_size
+    predicted_per_step = cfg.batch_size * (cfg.seq_len - 1) * cfg.grad_accum * dp
     stop, preempted, path = catch_stop_signals(), False, None  # SIGTERM / Ctrl-C: checkpoint, then exit
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -273,12 +299,12 @@ def main(cfg: Config) -> dict:
             model.set_requires_gradient_sync(i == cfg.grad_accum - 1)  # reduce-scatter once per step
             micro_loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
             # mean over every predicted token of the step on all ranks (the reduce-scatter averages: * world)
-            (micro_loss * rt.world_size / predicted_per_step).backward()
+            (micro_loss * dp / predicted_per_step).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss_sum = float(loss_sum)  # the step's one read of the device losses
-        (loss_sum,) = all_reduce_sum([loss_sum], rt)
+        (loss_sum,) = all_reduce_sum([loss_sum], rt, group=dp_group)
         loss = loss_sum / predicted_per_step
         if not is_finite(loss, grad_norm):  # the same on every rank (summed loss, global norm): all stop or skip
             if cfg.on_nan == "stop":
@@ -307,7 +333,7 @@ def main(cfg: Config) -> dict:
             log.log(step, {"eval_loss": evaluate()})
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):
-            path = save_fsdp_checkpoint(out, step, cfg.keep_last, model, optimizer, scheduler)
+            path = save_dcp_checkpoint(out, step, cfg.keep_last, model, optimizer, scheduler)
             log.info(f"saved checkpoint {path}")
         if preempted:
             log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "

@@ -132,6 +132,35 @@ def test_two_processes_deepspeed_launcher_and_torchrun_agree(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
+def test_tensor_parallel_over_two_processes_takes_the_fsdp_steps(straight_runs, tmp_path):
+    """--tp=2: each rank holds half of every attention and MLP matrix (q/k/v/gate/up by rows, o/down by columns,
+    the embedding by vocabulary), yet takes the one-process FSDP run's steps on the same windows, and final/ is the
+    same whole checkpoint (measured: weights within 1e-5 of the one-process run)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from common.runtime import free_port
+
+    out = tmp_path / "out"
+    proc = run_script(FSDP / "run.sh", f"--output_dir={out}", *FAST, *STRAIGHT, "--tp=2",
+                      env_extra={"NGPU": "2", "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "over 1 rank(s) x tensor parallel 2 = 2 process(es)" in proc.stdout
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert losses == pytest.approx(straight_runs["fsdp"]["losses"], abs=1e-5)
+    shards = FileSystemReader(str(out / "checkpoints" / "step_00000006")).read_metadata().state_dict_metadata
+    chunks = {name: sorted(tuple(c.sizes) for c in shards[f"model.model.{name}.weight"].chunks)
+              for name in ("layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "embed_tokens", "norm")}
+    assert chunks == {"layers.0.self_attn.q_proj": [(128, 256)] * 2, "layers.0.mlp.down_proj": [(256, 384)] * 2,
+                      "embed_tokens": [(1024, 256)] * 2, "norm": [(256,)]}
+    split = load_file(out / "final" / "model.safetensors")
+    whole = load_file(straight_runs["fsdp"]["final_dir"] / "model.safetensors")
+    assert split.keys() == whole.keys()
+    assert max(float((split[k] - whole[k]).abs().max()) for k in whole) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_raw_files_to_a_pretrained_checkpoint(tmp_path):
     """The README's path: raw files -> shards -> a new tokenizer -> a token file -> pretraining on it, with both
     recipes in one process (two processes: test_two_processes_deepspeed_launcher_and_torchrun_agree; a token file's

@@ -32,7 +32,8 @@ def run_main(recipe, out, *args):
     ("pretrain/deepspeed", ["--batch_size=2"]),
     ("rlhf/dpo-qlora", ["--eval_data_path=", "--batch_size=4"]),
     ("rlhf/grpo-qlora", ["--eval_data_path=", "--batch_size=2", "--group_size=4"]),
-], ids=["sft-qlora", "pretrain-deepspeed", "rlhf-dpo-qlora", "rlhf-grpo-qlora"])
+    ("sft/full-ft-pipeline", ["--eval_data_path=", "--grad_accum=1"]),
+], ids=["sft-qlora", "pretrain-deepspeed", "rlhf-dpo-qlora", "rlhf-grpo-qlora", "sft-full-ft-pipeline"])
 def test_sigterm_saves_a_checkpoint_and_resume_continues(recipe, args, tmp_path):
     out = tmp_path / "out"
     command = ["bash", str(REPO / recipe / "run.sh"), f"--output_dir={out}", "--max_steps=500", "--log_every=1",
