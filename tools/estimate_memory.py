@@ -302,9 +302,10 @@ def parallel_shares(s: Shape, optimizer: str, tokens: int, checkpointing: bool, 
     dp = gpus // (pp * tp)
     wide = 4 if fp32 else 2
     stage_layers = math.ceil(s.layers / pp)
-    embedding = s.vocab * s.hidden
-    ends = s.other_params if pp == 1 else max(embedding, s.other_params - embedding)
-    stage = (stage_layers * s.layer_params + ends) / tp
+    layer = s.layer_params + 2 * s.hidden  # the projections and the layer's two norms
+    # one stage: the embedding and the head (once if tied) and the final norm; more: the last stage's head and norm
+    ends = s.vocab * s.hidden * (1 if s.tied or pp > 1 else 2) + s.hidden
+    stage = (stage_layers * layer + ends) / tp
     gathered = 2 * s.layer_params * wide / tp
     weights = 4 * stage / dp + gathered
     gradients = 4 * stage / dp

@@ -160,6 +160,17 @@ def test_one_process_default_matches_the_plain_loop_and_mistakes_are_one_line(tm
                                                                    "--eval_data_path="]))
     assert result["losses"] == pytest.approx(plain_full_fine_tune_losses(4, 1), abs=LOSS_TOLERANCE)
     assert (result["final_dir"] / "model.safetensors").is_file()
+    # the trained stage in memory and final/ through from_pretrained: the same loss on a probe row
+    from transformers import AutoModelForCausalLM
+
+    from common.losses import token_loss_sum
+
+    ids = torch.tensor([[1, 345, 678, 910, 1112, 1314, 1516, 2]])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        in_memory = result["stage_model"](ids, torch.ones_like(ids), positions, labels=ids)
+        reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()(input_ids=ids).logits
+    assert float(in_memory) == pytest.approx(float(token_loss_sum(reloaded, ids)), rel=1e-6)
     cases = {"--pp=2": "must be a whole multiple of the stages",  # one process cannot hold two stages
              "--stage_layers=3,3": "expected 1 whole numbers",
              "--grad_accum=0": "--grad_accum=0"}

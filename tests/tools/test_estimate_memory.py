@@ -73,6 +73,34 @@ def test_fsdp_splits_the_4bit_base_but_not_the_activations():
     assert two["optimizer"] == pytest.approx(one["optimizer"] / 2)
 
 
+def test_pipeline_stages_and_tensor_parallel_divide_the_full_fine_tune():
+    s = em.SHAPES["65B"]  # 80 layers
+    eight = em.estimate(s, "full", pp=8, gpus=8, grad_accum=16)
+    sixteen = em.estimate(s, "full", pp=8, gpus=16, grad_accum=16)  # the same stages, 2-way FSDP2 within each
+    # the fullest stage, the last: 10 layers (projections and norms), the head and the final norm; fp32 masters,
+    # gradients and AdamW's two moments
+    stage = 10 * (s.layer_params + 2 * s.hidden) + s.vocab * s.hidden + s.hidden
+    gathered = 2 * s.layer_params * 2  # two bf16 layers: computing one, fetching the next
+    assert eight["weights"] == pytest.approx(4 * stage + gathered)
+    assert eight["gradients"] == pytest.approx(4 * stage) and eight["optimizer"] == pytest.approx(8 * stage)
+    assert sixteen["optimizer"] == pytest.approx(eight["optimizer"] / 2)
+    assert sixteen["weights"] == pytest.approx(2 * stage + gathered)
+    assert eight["total"] / 2**30 > 0.9 * 80 > sixteen["total"] / 2**30  # 65B: not on 8 x 80 GB, on 16
+    # 1F1B keeps up to pp micro-batches alive on the first stage: more stages, more of them
+    assert em.estimate(s, "full", pp=8, gpus=8, grad_accum=2)["activations"] < eight["activations"]
+    # tensor parallel halves every stage's matrices
+    tp = em.estimate(s, "full", pp=8, tp=2, gpus=16, grad_accum=16)
+    assert tp["optimizer"] == pytest.approx(eight["optimizer"] / 2)
+    for kwargs, needle in (({"pp": 3, "gpus": 8}, "--gpus=8: must be a whole multiple"),
+                           ({"tp": 3, "gpus": 3}, "--tp=3: must divide the 64 attention"),
+                           ({"pp": 81, "gpus": 81}, "--pp=81: the model has 80"),
+                           ({"pp": 2, "gpus": 2, "method": "qlora"}, "--pp and --tp model full fine-tuning")):
+        with pytest.raises(em.UserError, match=needle):
+            em.estimate(s, **{"method": "full", **kwargs})
+    proc = run_tool("--model=65B", "--method=full", "--pp=8", "--gpus=16")
+    assert proc.returncode == 0 and "(pp 8 x tp 1 x dp 2, FSDP2)" in proc.stdout
+
+
 def test_lora_dropout_costs_activations_and_checkpointing_saves_them():
     s = em.SHAPES["7B"]
     plain, dropout = (em.estimate(s, "lora", lora_dropout=p, gradient_checkpointing=False)["activations"]
