@@ -48,7 +48,6 @@ RECIPES = (
     ("cls/peft-int4", "cls/peft-int4", (), ("gptqmodel", "optimum"), 50, 3),
     ("sft/fsdp-qlora", "sft/fsdp-qlora", (), ("bitsandbytes",), 60, 3),
     ("pretrain/fsdp", "pretrain/fsdp", (), (), 45, 4),
-    ("sft/full-ft-pipeline", "sft/full-ft-pipeline", (), (), 45, 4),  # one stage: one GPU
     ("rlhf/dpo-qlora", "rlhf/dpo-qlora", (), ("bitsandbytes",), 40, 5),
     ("rlhf/grpo-qlora", "rlhf/grpo-qlora", (), ("bitsandbytes",), 60, 5),
     # the plain sft/qlora row runs Liger's kernels where liger-kernel is installed (--liger=auto): this one without

@@ -7,9 +7,8 @@
 #
 # NOT RUN ON A GPU YET: written and tested (--dry-run, the Python pieces at tiny scale) on a CPU-only machine.
 #
-#   a   every recipe's default run on CUDA, tiny model, 4 steps: sft x5 (sft/full-ft-pipeline as one stage), cls x4,
-#       pretrain/deepspeed (ZeRO-1 and --zero_stage=3) and pretrain/fsdp: exit code, loss first -> last and peak
-#       memory from the run's metrics.jsonl,
+#   a   every recipe's default run on CUDA, tiny model, 4 steps: sft x4, cls x4, pretrain/deepspeed (ZeRO-1 and
+#       --zero_stage=3) and pretrain/fsdp: exit code, loss first -> last and peak memory from the run's metrics.jsonl,
 #       seconds. A recipe whose package was not carried (deepspeed, bitsandbytes, gptqmodel) is a "not carried" row.
 #   a2  tests/common/test_data_padding.py with LLAMA_RECIPES_TEST_DEVICE=cuda (bf16 tolerance): left padding, the
 #       sdpa kernels CUDA picks for padded rows, a fully masked pad row, label masks

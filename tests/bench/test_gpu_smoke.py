@@ -27,7 +27,7 @@ def test_dry_run_lists_every_recipe_and_part_within_560_s_and_runs_nothing(tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = re.findall(r"^  \[lane \d\] (.+) \| part (\w+) \| limit (\d+) s", proc.stdout, re.M)
     commands = re.findall(r"^      \$ (.+)$", proc.stdout, re.M)
-    assert len(steps) == len(commands) == 23
+    assert len(steps) == len(commands) == 22
     names = {name: part for name, part, _ in steps}
     for folder in ("sft/qlora", "sft/full-ft-deepspeed-offload", "sft/fsdp-qlora", "sft/peft-int4", "cls/qlora",
                    "cls/full-ft-deepspeed-offload", "cls/peft-int4", "cls/reward-qlora", "pretrain/deepspeed",
