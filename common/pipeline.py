@@ -14,6 +14,7 @@ from common.checkpoint import cast_floating
 from common.config import UserError
 from common.losses import trained_token_loss_sum
 from common.model import read_safetensors_subset
+from common.tensor_parallel import apply_tensor_parallel
 
 
 def hf_llama_name(stage_name: str) -> str:
@@ -24,13 +25,13 @@ def hf_llama_name(stage_name: str) -> str:
 
 
 def save_pipeline_final(final_dir: Path, stage_model, skeleton, tokenizer, dtype: torch.dtype, stage_index: int,
-                        pp: int, dp_rank: int) -> Path:
+                        pp: int, writer: bool) -> Path:
     """One Hugging Face checkpoint from pipeline stages, with no process holding the whole model: each stage's
-    weights are gathered over its data-parallel ranks one tensor at a time onto the CPU, in the training dtype; the
-    stage's first dp rank writes them as one safetensors shard (model-0000k-of-0000n.safetensors; model.safetensors
-    for one stage); rank 0 adds the index, config.json, tokenizer and generation_config.json and renames the folder
-    into place, so a crash leaves an older final/ as it was. Every rank calls it; the folder must be on a file system
-    all ranks share."""
+    weights are gathered over its data-parallel (and tensor-parallel) ranks one tensor at a time onto the CPU, in the
+    training dtype; one rank of the stage (writer) writes them as one safetensors shard
+    (model-0000k-of-0000n.safetensors; model.safetensors for one stage); rank 0 adds the index, config.json,
+    tokenizer and generation_config.json and renames the folder into place, so a crash leaves an older final/ as it
+    was. Every rank calls it; the folder must be on a file system all ranks share."""
     from safetensors.torch import save_file
 
     from common.inference import save_generation_config
@@ -44,18 +45,20 @@ def save_pipeline_final(final_dir: Path, stage_model, skeleton, tokenizer, dtype
     dist.barrier()
     state = {}
     for name, tensor in stage_model.state_dict().items():
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective over the dp ranks
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective over dp (and tp)
         state[hf_llama_name(name)] = full.detach().to("cpu")
+    if skeleton.config.tie_word_embeddings:  # one tensor, saved once under the embedding's name, as HF does
+        state.pop("lm_head.weight", None)
     state = cast_floating(state, dtype)
     file_name = "model.safetensors" if pp == 1 else f"model-{stage_index + 1:05d}-of-{pp:05d}.safetensors"
     size = sum(t.numel() * t.element_size() for t in state.values())
-    if dp_rank == 0:
+    if writer:
         save_file(state, str(tmp / file_name), metadata={"format": "pt"})
     shards = [None] * dist.get_world_size()
     dist.all_gather_object(shards, (file_name, sorted(state), size))
     wait_for_all(save_timeout(size))  # every stage's shard written (NCCL's own limit is 10 minutes)
     if dist.get_rank() == 0:
-        files = {file: (names, size) for file, names, size in shards}  # dp ranks of a stage: the same entry
+        files = {file: (names, size) for file, names, size in shards}  # ranks of one stage: the same entry
         if pp > 1:
             weight_map = {name: file for file, (names, _) in sorted(files.items()) for name in names}
             total = sum(size for _, size in files.values())
@@ -153,23 +156,27 @@ class StageModel(torch.nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         hidden = self.embed_tokens(x) if self.embed_tokens is not None else x
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        # the mask is sized from the whole rows: under tensor parallelism hidden holds this rank's part of them
+        rows = hidden.new_empty(*attention_mask.shape, 1)
+        mask = create_causal_mask(config=self.config, inputs_embeds=rows, attention_mask=attention_mask, cache=None,
+                                  position_ids=position_ids)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers.values():
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                            position_ids=position_ids)
         if self.norm is None:
             return hidden
-        return trained_token_loss_sum(self.norm(hidden), self.lm_head, labels)
+        hidden = self.norm(hidden)
+        hidden = hidden.full_tensor() if hasattr(hidden, "full_tensor") else hidden  # tp: the whole rows again
+        return trained_token_loss_sum(hidden, self.lm_head, labels)
 
 
 def build_pipeline_stage(model_dir: Path, pp: int, stage: int, dp_mesh, dtype: torch.dtype, device: torch.device,
-                         attn: str, checkpointing: bool, stage_layers: str = ""):
+                         attn: str, checkpointing: bool, stage_layers: str = "", tp_mesh=None):
     """This process's stage of a Llama-family checkpoint: the whole model's skeleton on the meta device (no memory),
-    this stage's modules kept, each decoder layer and the stage sharded over dp_mesh with FSDP2 (fp32 masters,
-    compute in dtype), then only this stage's tensors read from the safetensors files. Returns (stage_model,
-    skeleton, every stage's layer bounds)."""
+    this stage's modules kept, split over tp_mesh (tensor parallel, when given), each decoder layer and the stage
+    sharded over dp_mesh with FSDP2 (fp32 masters, compute in dtype), then only this stage's tensors read from the
+    safetensors files. Returns (stage_model, skeleton, every stage's layer bounds)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -187,7 +194,12 @@ def build_pipeline_stage(model_dir: Path, pp: int, stage: int, dp_mesh, dtype: t
     head_params = skeleton.lm_head.weight.numel() + skeleton.model.norm.weight.numel()
     bounds = pipeline_stage_layers(config.num_hidden_layers, pp, layer_params, embed_params, head_params,
                                    stage_layers)
-    stage_model = StageModel(skeleton, *bounds[stage], stage == 0, stage == pp - 1)
+    first, last = stage == 0, stage == pp - 1
+    stage_model = StageModel(skeleton, *bounds[stage], first, last)
+    if tp_mesh is not None and tp_mesh.size() > 1:  # the last stage's head sees whole rows: the norm's output gathered
+        embed, norm, head = ("embed_tokens" if first else ""), ("norm" if last else ""), ("lm_head" if last else "")
+        apply_tensor_parallel(stage_model, stage_model.layers.values(), tp_mesh, config, embed, norm, head,
+                              head_input_sharded=False)
     mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in stage_model.layers.values():
         fully_shard(layer, mesh=dp_mesh, mp_policy=mixed)
@@ -196,7 +208,10 @@ def build_pipeline_stage(model_dir: Path, pp: int, stage: int, dp_mesh, dtype: t
     # the rotary embedding's inverse frequencies are a non-persistent buffer: to_empty left it uninitialised
     stage_model.rotary_emb = type(skeleton.model.rotary_emb)(config=config).to(device)
     names = list(stage_model.state_dict())
-    weights = read_safetensors_subset(model_dir, [hf_llama_name(name) for name in names])
-    weights = {name: weights[hf_llama_name(name)] for name in names}
+    stored = {name: hf_llama_name(name) for name in names}
+    if config.tie_word_embeddings:  # one stage holds both ends; the checkpoint has the embedding only
+        stored["lm_head.weight"] = "model.embed_tokens.weight"
+    weights = read_safetensors_subset(model_dir, sorted(set(stored.values())))
+    weights = {name: weights[stored[name]] for name in names}
     set_model_state_dict(stage_model, weights, options=StateDictOptions(full_state_dict=True))
     return stage_model, skeleton, bounds

@@ -408,6 +408,7 @@ TABLE_RUNS = (  # (label, options, GPUs); the full fine-tunes as sft/full-ft-dee
     ("full, pipeline 4 stages x 2 dp (sft/full-ft-pipeline)", {"method": "full", "pp": 4}, 8),
     ("full, pipeline 8 stages (sft/full-ft-pipeline)", {"method": "full", "pp": 8}, 8),
     ("full, pipeline 8 stages x 2 dp, two nodes", {"method": "full", "pp": 8}, 16),
+    ("full, pipeline 8 stages x tp 2, two nodes", {"method": "full", "pp": 8, "tp": 2}, 16),
 )
 
 

@@ -57,6 +57,7 @@ from common.runtime import (
     training_precision,
     wait_for_all,
 )
+from common.tensor_parallel import apply_tensor_parallel
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,47 +115,6 @@ def initial_weights(cfg: Config, config, tokenizer) -> tuple[dict, int]:
     else:
         model, added = AutoModelForCausalLM.from_config(config, dtype=torch.float32), 0
     return model.state_dict(), added
-
-
-def apply_tensor_parallel(model, tp_mesh):
-    """Megatron-style tensor parallelism with DTensor plans: q/k/v and gate/up split by output columns (each rank
-    its own attention heads and MLP slice), o and down by input rows, the vocabulary of the embedding and the LM head
-    split too; between them the residual stream and the RMSNorms are split along the sequence (sequence parallel),
-    gathered before attention and the MLP, reduce-scattered after. The LM head's logits come back whole."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-        parallelize_module,
-    )
-
-    tp = tp_mesh.size()
-    if model.config.num_key_value_heads % tp or model.config.num_attention_heads % tp:
-        raise UserError(f"--tp={tp}: the model's {model.config.num_attention_heads} attention heads and "
-                        f"{model.config.num_key_value_heads} key/value heads must both divide evenly over the ranks")
-    parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
-    gathered = {"hidden_states": Replicate()}
-    for layer in model.model.layers:
-        parallelize_module(layer, tp_mesh, {
-            "input_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                            desired_input_kwarg_layouts=gathered),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "post_attention_layernorm": SequenceParallel(),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-        })
 
 
 def save_final(final_dir: Path, model, full_state: dict, tokenizer, dtype: torch.dtype, architecture: str):
@@ -217,8 +177,9 @@ def main(cfg: Config) -> dict:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # bf16 weights for compute, fp32 for the gradient reduce-scatter and the optimizer's master copy
-    if cfg.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+    if cfg.tp > 1:  # attention heads and MLP columns split over the tp ranks, norms sequence-parallel
+        apply_tensor_parallel(model, model.model.layers, mesh["tp"], config, "model.embed_tokens", "model.norm",
+                              "lm_head")
     precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh["dp"], mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)

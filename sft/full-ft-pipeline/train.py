@@ -1,7 +1,7 @@
 """Full-parameter supervised fine-tuning of a Llama-family model split into pipeline stages
-(torch.distributed.pipelining, 1F1B), each stage's layers sharded with FSDP2 over the data-parallel ranks that hold
-that stage: world = pp x dp. Each process builds its stage on the meta device and reads only its own layers from
-the safetensors files, so a 65B never sits whole in any process.
+(torch.distributed.pipelining, 1F1B), each stage optionally split over tensor-parallel ranks (--tp) and sharded with
+FSDP2 over the data-parallel replicas that hold it: world = pp x dp x tp. Each process builds its stage on the meta
+device and reads only its own layers from the safetensors files, so a 65B never sits whole in any process.
 
 Default run, no GPU, no download (tiny random-init Llama, bundled English/Chinese sample data), about a minute:
     cd sft/full-ft-pipeline && bash run.sh
@@ -12,8 +12,8 @@ Two stages in two processes (CPU or 2 GPUs), then 8 GPUs as 4 stages x 2 data-pa
 Data as the other sft recipes (alpaca, {"input","target"} or chat {"messages"}; .jsonl, .json, .jsonl.zst). Writes
 output_dir/: final/ (one Hugging Face checkpoint: config.json, model-0000k-of-0000n.safetensors + index, tokenizer),
 config.json, metrics.jsonl, loss.png, checkpoints/ (torch.distributed.checkpoint, sharded per stage and rank).
-Memory per GPU, roughly: 16 bytes x parameters / (pp x dp) (fp32 weights, gradients, AdamW) + activations of
-`grad_accum` micro-batches in flight (`tools/estimate_memory.py --pp --dp`).
+Memory per GPU, roughly: 16 bytes x parameters / (pp x dp x tp) (fp32 weights, gradients, AdamW) + activations of
+`grad_accum` micro-batches in flight (`tools/estimate_memory.py --method=full --pp --tp --gpus`).
 """
 import math
 import time
@@ -62,7 +62,8 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "data" / "sft"
 class Config:
     # model and parallelism
     model_path: str = "tiny"  # 'tiny' (random-init test Llama) or a local Hugging Face folder with safetensors
-    pp: int = 1  # pipeline stages; the processes are pp x dp, the dp ranks of a stage share it with FSDP2
+    pp: int = 1  # pipeline stages; the processes are pp x dp x tp, the dp ranks of a stage share it with FSDP2
+    tp: int = 1  # tensor-parallel ranks per stage replica (attention heads and MLP columns split; within a node)
     stage_layers: str = ""  # decoder layers per stage, e.g. '21,20,20,19'; '': balanced by parameters
     schedule: Literal["1f1b", "gpipe"] = "1f1b"  # 1f1b: at most pp micro-batches' activations alive per stage
     gradient_checkpointing: bool | None = None  # recompute activations in backward (less memory); None: on with a GPU
@@ -129,15 +130,23 @@ def trained_tokens(example: dict) -> int:
 
 @dataclass
 class Layout:
-    """Where this process sits: ranks form a (pp, dp) grid, the dp ranks of a stage are neighbours (one node's fast
-    links carry FSDP's all-gathers; stage to stage only activations travel)."""
-    mesh: object  # DeviceMesh with dims ("pp", "dp")
+    """Where this process sits: ranks form a (pp, dp, tp) grid, the tp ranks of a replica neighbours, then its dp
+    ranks (one node's fast links carry the per-layer tensor-parallel collectives and FSDP's all-gathers; from stage to
+    stage only activations travel)."""
+    mesh: object  # DeviceMesh with dims ("pp", "dp", "tp")
     pp: int
     dp: int
+    tp: int
     stage: int  # this process's stage
-    dp_rank: int  # its place among the stage's data-parallel ranks
+    dp_rank: int  # its place among the stage's data-parallel replicas
+    tp_rank: int  # its place among the replica's tensor-parallel ranks
     first: bool  # stage 0: embeds the tokens
     last: bool  # stage pp - 1: the LM head and the loss
+
+    @property
+    def counts_loss(self) -> bool:
+        """The last stage's tp ranks all compute the same loss: one of them counts it."""
+        return self.last and self.tp_rank == 0
 
 
 def run_pipeline(pipelines: dict, stage_model, rows: list[dict], scale: float, training: bool, cfg: Config,
@@ -168,7 +177,7 @@ def run_pipeline(pipelines: dict, stage_model, rows: list[dict], scale: float, t
     run = schedule.step if training else schedule.eval
     run(*inputs, target=batch["labels"] if layout.last else None, losses=losses, loss_kwargs={"scale": scale},
         return_outputs=False, **tensors)
-    return float(sum(loss.detach().double() for loss in losses)) if layout.last else 0.0
+    return float(sum(loss.detach().double() for loss in losses)) if layout.counts_loss else 0.0
 
 
 def evaluate(pipelines: dict, stage_model, eval_examples: list[dict], cfg: Config, layout: Layout, pad_id: int,
@@ -185,9 +194,9 @@ def evaluate(pipelines: dict, stage_model, eval_examples: list[dict], cfg: Confi
             group = mine[r * cfg.grad_accum:(r + 1) * cfg.grad_accum]
             rows = step_rows(eval_examples, group, cfg.batch_size, cfg.grad_accum)
             loss_sum += run_pipeline(pipelines, stage_model, rows, 1.0, False, cfg, layout, pad_id, rt.device)
-            n_tokens += sum(trained_tokens(e) for e in rows) if layout.last else 0
+            n_tokens += sum(trained_tokens(e) for e in rows) if layout.counts_loss else 0
     stage_model.train()
-    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)  # only the last stages counted
+    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], rt)  # only the last stages' first tp ranks counted
     return loss_sum / max(n_tokens, 1)
 
 
@@ -196,11 +205,14 @@ def log_startup(log, cfg: Config, model_dir, layout: Layout, bounds, stage_model
     """The start-up block: model, pipeline layout with each stage's size, data, batches and steps."""
     stage_sizes = [0] * rt.world_size
     dist.all_gather_object(stage_sizes, sum(p.numel() for p in stage_model.parameters()))  # DTensors: full size
-    split = ", ".join(f"{b - a} layers ({stage_sizes[s * layout.dp] / 1e6:,.1f}M)" for s, (a, b) in enumerate(bounds))
+    ranks_per_stage = layout.dp * layout.tp
+    split = ", ".join(f"{b - a} layers ({stage_sizes[s * ranks_per_stage] / 1e6:,.1f}M)"
+                      for s, (a, b) in enumerate(bounds))
     n_params = sum(p.numel() for p in skeleton.parameters())
     log.info(f"model    {cfg.model_path} ({model_dir}) | full fine-tune, {n_params:,} params | {attn} attention, "
              f"{precision.reason} | activation checkpointing {'on' if checkpointing else 'off'}")
-    log.info(f"pipeline {layout.pp} stage(s) x {layout.dp} data-parallel (FSDP2) = {rt.world_size} process(es), "
+    log.info(f"pipeline {layout.pp} stage(s) x {layout.dp} data-parallel (FSDP2) x {layout.tp} tensor-parallel = "
+             f"{rt.world_size} process(es), "
              f"{cfg.schedule} schedule, {cfg.grad_accum} micro-batches/step | stages: {split}")
     for line in data_lines:
         log.info(line)
@@ -223,18 +235,22 @@ def main(cfg: Config) -> dict:
     quiet_third_party_logs()
     set_single_process_env()
     rt = setup_runtime(cfg.seed)
-    if cfg.pp < 1 or rt.world_size % cfg.pp:
-        raise UserError(f"--pp={cfg.pp}: the {rt.world_size} process(es) must be a whole multiple of the stages "
-                        "(processes = pp x dp)")
+    if cfg.pp < 1 or cfg.tp < 1 or rt.world_size % (cfg.pp * cfg.tp):
+        raise UserError(f"--pp={cfg.pp} --tp={cfg.tp}: the {rt.world_size} process(es) must be a whole multiple of "
+                        "pp x tp (processes = pp x dp x tp)")
+    if cfg.pad_to_multiple % cfg.tp:
+        raise UserError(f"--pad_to_multiple={cfg.pad_to_multiple}: must be a multiple of --tp={cfg.tp} (each tp rank "
+                        "holds an equal part of every row)")
     if cfg.schedule == "1f1b" and cfg.grad_accum < cfg.pp:
         raise UserError(f"--grad_accum={cfg.grad_accum}: 1F1B needs at least as many micro-batches as stages "
                         f"(--pp={cfg.pp}); more (4 x pp) keep the pipeline busier")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
-    dp = rt.world_size // cfg.pp
-    mesh = init_device_mesh(rt.device.type, (cfg.pp, dp), mesh_dim_names=("pp", "dp"))
+    dp = rt.world_size // (cfg.pp * cfg.tp)
+    mesh = init_device_mesh(rt.device.type, (cfg.pp, dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
     stage = mesh.get_local_rank("pp")
-    layout = Layout(mesh, cfg.pp, dp, stage, mesh.get_local_rank("dp"), stage == 0, stage == cfg.pp - 1)
+    layout = Layout(mesh, cfg.pp, dp, cfg.tp, stage, mesh.get_local_rank("dp"), mesh.get_local_rank("tp"),
+                    stage == 0, stage == cfg.pp - 1)
     out = Path(cfg.output_dir)
 
     # ---- tokenizer and data: every stage of a data-parallel rank reads the same batches (the first stage feeds
@@ -268,7 +284,7 @@ def main(cfg: Config) -> dict:
     attn = resolve_attention(cfg.attn_implementation, rt.device)
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     stage_model, skeleton, bounds = build_pipeline_stage(model_dir, cfg.pp, layout.stage, mesh["dp"], dtype,
-                                                         rt.device, attn, checkpointing, cfg.stage_layers)
+                                                         rt.device, attn, checkpointing, cfg.stage_layers, mesh["tp"])
 
     # ---- optimizer (AdamW over the sharded fp32 parameters, fused on GPU) and schedule
     optimizer = torch.optim.AdamW(weight_decay_groups(stage_model, cfg.weight_decay), lr=cfg.lr,
@@ -350,8 +366,9 @@ def main(cfg: Config) -> dict:
         return {"preempted": True, "losses": losses, "steps": step - start_step}
 
     # ---- save: one consolidated Hugging Face checkpoint, then the final eval
+    writer = layout.dp_rank == 0 and layout.tp_rank == 0  # one rank of each stage writes its shard
     final_dir = save_pipeline_final(out / "final", stage_model, skeleton, tokenizer, dtype, layout.stage, cfg.pp,
-                                    layout.dp_rank)
+                                    writer)
     eval_loss = None
     if eval_examples:
         eval_loss = evaluate_now()

@@ -109,7 +109,7 @@ def two_stages(tmp_path_factory):
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="two processes need two cores")
 def test_two_stages_take_the_steps_of_a_plain_full_fine_tune(two_stages):
-    assert "pipeline 2 stage(s) x 1 data-parallel (FSDP2) = 2 process(es)" in two_stages["stdout"]
+    assert "pipeline 2 stage(s) x 1 data-parallel (FSDP2) x 1 tensor-parallel = 2 process(es)" in two_stages["stdout"]
     assert "stages: 2 layers (2.1M), 2 layers (2.1M)" in two_stages["stdout"]  # embedding vs head: balanced
     reference = plain_full_fine_tune_losses(4, 1)
     assert two_stages["losses"] == pytest.approx(reference, abs=LOSS_TOLERANCE)
@@ -147,12 +147,24 @@ def test_resume_of_two_stages_continues_exactly(two_stages, tmp_path):
 
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="four processes on two cores: slow but fits")
-def test_two_stages_by_two_data_parallel_in_four_processes(tmp_path):
-    args = ["--pp=2", "--batch_size=2", "--grad_accum=2", "--max_steps=2", "--save_every=0", "--eval_data_path="]
-    proc = torchrun(tmp_path / "out", 4, *args)
-    assert "pipeline 2 stage(s) x 2 data-parallel (FSDP2) = 4 process(es)" in proc.stdout
-    reference = plain_full_fine_tune_losses(2, 2, *args)
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2-dp2", "pp2-tp2"])
+def test_two_stages_by_two_data_parallel_or_two_tensor_parallel_in_four_processes(tp, tmp_path):
+    """pp 2 x dp 2: each stage sharded over two FSDP2 ranks reading different batches; pp 2 x tp 2: each stage's
+    heads and MLP columns split over two ranks, the activations between stages split along the sequence. The eval
+    runs through the pipeline too and final/ reproduces it."""
+    tensor_parallel, dp = tp == 2, 4 // (2 * tp)
+    mode = f"{dp} data-parallel (FSDP2) x {tp} tensor-parallel"
+    args = ["--pp=2", "--batch_size=2", "--grad_accum=2", "--max_steps=2", "--save_every=0", "--eval_data_path=",
+            f"--tp={tp}"]
+    eval_args = [f"--eval_data_path={REPO / 'data' / 'sft' / 'eval.jsonl'}"] if tensor_parallel else []
+    proc = torchrun(tmp_path / "out", 4, *args, *eval_args)
+    assert f"pipeline 2 stage(s) x {mode} = 4 process(es)" in proc.stdout
+    reference = plain_full_fine_tune_losses(2, dp, *args)
     assert run_losses(tmp_path / "out") == pytest.approx(reference, abs=LOSS_TOLERANCE)
+    if tensor_parallel:
+        evals = [r["eval_loss"] for r in read_metrics(tmp_path / "out") if "eval_loss" in r]
+        reloaded = eval_loss_of(tmp_path / "out" / "final", REPO / "data" / "sft" / "eval.jsonl")
+        assert len(evals) == 2 and reloaded == pytest.approx(evals[-1], rel=1e-5)
 
 
 def test_one_process_default_matches_the_plain_loop_and_mistakes_are_one_line(tmp_path):
@@ -171,7 +183,8 @@ def test_one_process_default_matches_the_plain_loop_and_mistakes_are_one_line(tm
         in_memory = result["stage_model"](ids, torch.ones_like(ids), positions, labels=ids)
         reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()(input_ids=ids).logits
     assert float(in_memory) == pytest.approx(float(token_loss_sum(reloaded, ids)), rel=1e-6)
-    cases = {"--pp=2": "must be a whole multiple of the stages",  # one process cannot hold two stages
+    cases = {"--pp=2": "must be a whole multiple of pp x tp",  # one process cannot hold two stages
+             "--tp=3": "must be a whole multiple of pp x tp",
              "--stage_layers=3,3": "expected 1 whole numbers",
              "--grad_accum=0": "--grad_accum=0"}
     for arg, needle in cases.items():
@@ -210,3 +223,34 @@ def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, monkeypatch):
                                                                    "--on_nan=skip"]))
     assert [r["step"] for r in read_metrics(tmp_path / "skip") if "loss" in r] == [1, 2, 3, 5, 6]
     assert all(torch.isfinite(p.full_tensor()).all() for p in result["stage_model"].parameters())
+
+
+def test_a_tied_lm_head_trains_in_one_stage_and_is_saved_once(tiny_dir, tmp_path):
+    """SmolLM2, Llama 3.2 1B/3B and small Qwen2 tie the LM head to the embedding: one stage holds both ends, reads the
+    one stored tensor for both and writes it once, as Hugging Face does (measured on SmolLM2-135M-Instruct: eval
+    loss 1.398 -> 1.199 in 3 steps, final/ reloads tied)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.losses import token_loss_sum
+    from common.model import load_tokenizer
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied)
+    load_tokenizer(tiny_dir).save_pretrained(tied)
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    result = pipeline.main(pipeline.parse_config(pipeline.Config, [f"--output_dir={tmp_path / 'out'}", *ARGS,
+                                                                   f"--model_path={tied}", "--eval_data_path="]))
+    assert result["losses"][-1] < result["losses"][0]
+    saved = load_file(result["final_dir"] / "model.safetensors")
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 345, 678, 910, 1112, 1314, 1516, 2]])
+    with torch.no_grad():
+        in_memory = result["stage_model"](ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], labels=ids)
+        logits = reloaded(input_ids=ids).logits
+    assert float(in_memory) == pytest.approx(float(token_loss_sum(logits, ids)), rel=1e-6)
