@@ -41,8 +41,14 @@ def atomic_write_dir(target: Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return move_dir_into_place(tmp, target)
+
+
+def move_dir_into_place(tmp: Path, target: Path) -> Path:
+    """Rename the finished folder tmp to target (on the same file system): an older target is renamed aside first
+    and removed after, so target is at every moment the old folder or the whole new one, never a mix."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
+    if target.exists():  # a rerun into the same output_dir
         os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
@@ -229,11 +235,7 @@ def save_sharded_checkpoint(output_dir, step: int, keep_last: int, write_shards,
     rngs = every_rank_rng_state()
     if rank == 0:
         torch.save({"step": step, "world_size": len(rngs), "rng": rngs, **(extra or {})}, tmp / STATE_FILE)
-        old = root / f".step_{step:08d}.old"
-        if target.exists():  # a rerun into the same output_dir
-            os.rename(target, old)
-        os.rename(tmp, target)  # the one moment the checkpoint appears, complete
-        shutil.rmtree(old, ignore_errors=True)
+        move_dir_into_place(tmp, target)  # the one moment the checkpoint appears, complete
         for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
     wait_for_all(save_timeout(0))  # rank 0 renames and removes old checkpoints (slow on a network file system)

@@ -3,14 +3,13 @@ one module: where the stages split the decoder layers (balanced by parameters, o
 device that reads only its own tensors from the checkpoint's safetensors, gradient clipping by the whole model's
 norm, and one consolidated Hugging Face checkpoint written without any process holding the whole model."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import cast_floating
+from common.checkpoint import cast_floating, move_dir_into_place
 from common.config import UserError
 from common.losses import trained_token_loss_sum
 from common.model import read_safetensors_subset
@@ -43,12 +42,13 @@ def save_pipeline_final(final_dir: Path, stage_model, skeleton, tokenizer, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    tied = skeleton.config.tie_word_embeddings  # one tensor, saved once under the embedding's name, as HF does
     state = {}
     for name, tensor in stage_model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective over dp (and tp)
         state[hf_llama_name(name)] = full.detach().to("cpu")
-    if skeleton.config.tie_word_embeddings:  # one tensor, saved once under the embedding's name, as HF does
-        state.pop("lm_head.weight", None)
     state = cast_floating(state, dtype)
     file_name = "model.safetensors" if pp == 1 else f"model-{stage_index + 1:05d}-of-{pp:05d}.safetensors"
     size = sum(t.numel() * t.element_size() for t in state.values())
@@ -68,11 +68,7 @@ def save_pipeline_final(final_dir: Path, stage_model, skeleton, tokenizer, dtype
         skeleton.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_generation_config(tmp, skeleton, tokenizer)
-        old = final_dir.parent / f".{final_dir.name}.old"
-        if final_dir.exists():
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        move_dir_into_place(tmp, final_dir)
     dist.barrier()
     return final_dir
 
@@ -81,7 +77,6 @@ def clip_grad_norm_across_stages(stage_model, max_norm: float, pp_group) -> torc
     """Clip a pipeline stage's gradient by the norm of the whole model's: each stage's norm (over its FSDP shards),
     squared, summed over the stages, square-rooted; every stage then scales by the same factor, as one process
     holding the whole model would. Returns the norm before clipping."""
-
     params = [p for p in stage_model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

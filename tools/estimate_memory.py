@@ -450,7 +450,8 @@ def main(argv=None):
                    help="LoRA methods: FSDP shards the model over the GPUs (sft/fsdp-qlora)")
     p.add_argument("--pp", type=int, default=1, help="--method=full: pipeline stages (sft/full-ft-pipeline); "
                    "--gpus is then every GPU of the run, dp = gpus / (pp x tp)")
-    p.add_argument("--tp", type=int, default=1, help="--method=full: tensor-parallel ranks (pretrain/fsdp --tp)")
+    p.add_argument("--tp", type=int, default=1, help="--method=full: tensor-parallel ranks (--tp of "
+                   "sft/full-ft-pipeline and pretrain/fsdp)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu: the repo's fp32 CPU path")
     p.add_argument("--stage", default="sft", help="sft, dpo (rlhf/dpo-qlora: pairs) or grpo (rlhf/grpo-qlora)")
     p.add_argument("--generations", type=int, default=8, help="grpo: completions sampled per prompt")

@@ -176,10 +176,10 @@ def main(cfg: Config) -> dict:
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else rt.device.type == "cuda"
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # bf16 weights for compute, fp32 for the gradient reduce-scatter and the optimizer's master copy
     if cfg.tp > 1:  # attention heads and MLP columns split over the tp ranks, norms sequence-parallel
         apply_tensor_parallel(model, model.model.layers, mesh["tp"], config, "model.embed_tokens", "model.norm",
                               "lm_head")
+    # bf16 weights for compute, fp32 for the gradient reduce-scatter and the optimizer's master copy
     precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh["dp"], mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
@@ -259,7 +259,7 @@ def main(cfg: Config) -> dict:
             labels = batch.pop("labels")
             model.set_requires_gradient_sync(i == cfg.grad_accum - 1)  # reduce-scatter once per step
             micro_loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
-            # mean over every predicted token of the step on all ranks (the reduce-scatter averages: * world)
+            # mean over every predicted token of the step on all dp ranks (the reduce-scatter averages: * dp)
             (micro_loss * dp / predicted_per_step).backward()
             loss_sum += micro_loss.detach().double()  # stays on the device: no wait per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -33,6 +33,7 @@ from common.checkpoint import (
 )
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import (
+    IGNORE_INDEX,
     batch_stream,
     build_sft_examples,
     collate_left_padded,
@@ -119,13 +120,13 @@ def step_rows(examples, batches: list[list[int]], batch_size: int, n_batches: in
     for b in range(n_batches):
         batch = [examples[i] for i in batches[b]] if b < len(batches) else []
         fill = batch[0] if batch else examples[0]
-        rows += batch + [{**fill, "labels": [-100] * len(fill["labels"])}] * (batch_size - len(batch))
+        rows += batch + [{**fill, "labels": [IGNORE_INDEX] * len(fill["labels"])}] * (batch_size - len(batch))
     return rows
 
 
 def trained_tokens(example: dict) -> int:
     """The tokens an example puts loss on (its labels but the first, which nothing predicts)."""
-    return sum(label != -100 for label in example["labels"][1:])
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 @dataclass
