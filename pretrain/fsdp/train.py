@@ -145,7 +145,8 @@ def main(cfg: Config) -> dict:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     if cfg.tp < 1 or rt.world_size % cfg.tp:
-        raise UserError(f"--tp={cfg.tp}: the {rt.world_size} process(es) must be a whole multiple of it (dp x tp)")
+        raise UserError(f"--tp={cfg.tp}: expected 1 or more, and the {rt.world_size} process(es) must be a whole "
+                        "multiple of it (dp x tp)")
     if cfg.seq_len % cfg.tp:
         raise UserError(f"--seq_len={cfg.seq_len}: must divide evenly over --tp={cfg.tp} ranks (sequence parallel)")
     # ranks (dp, tp): the tp ranks of a replica are neighbours (one node's fast links), FSDP2 shards over dp

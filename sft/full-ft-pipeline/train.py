@@ -237,8 +237,8 @@ def main(cfg: Config) -> dict:
     set_single_process_env()
     rt = setup_runtime(cfg.seed)
     if cfg.pp < 1 or cfg.tp < 1 or rt.world_size % (cfg.pp * cfg.tp):
-        raise UserError(f"--pp={cfg.pp} --tp={cfg.tp}: the {rt.world_size} process(es) must be a whole multiple of "
-                        "pp x tp (processes = pp x dp x tp)")
+        raise UserError(f"--pp={cfg.pp} --tp={cfg.tp}: expected 1 or more each, and the {rt.world_size} "
+                        "process(es) must be a whole multiple of pp x tp (processes = pp x dp x tp)")
     if cfg.pad_to_multiple % cfg.tp:
         raise UserError(f"--pad_to_multiple={cfg.pad_to_multiple}: must be a multiple of --tp={cfg.tp} (each tp rank "
                         "holds an equal part of every row)")
