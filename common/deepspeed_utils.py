@@ -11,13 +11,8 @@ Checkpoint layout (the same names as common/checkpoint.py, so `latest_checkpoint
 Every rank writes into checkpoints/.step_00000040.tmp; rank 0 renames it into place once all ranks are done. The
 folder must therefore be on a file system all ranks share (DeepSpeed assumes the same).
 """
-import atexit
-import contextlib
 import copy
-import io
 import json
-import os
-import re
 import warnings
 from pathlib import Path
 
@@ -30,27 +25,40 @@ from common.logs import name_the_cpu_accelerator
 name_the_cpu_accelerator()  # on import: the DeepSpeed recipes import this module before they import deepspeed
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME (deepspeed/ops/op_builder/cpu/comm.py)
+
+
 def init_distributed():
-    """deepspeed.init_distributed() without the line it prints when its CPU shared-memory all-reduce loads
-    ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", a bare print); anything else it prints
-    is shown as it was. Every rank calls it; each removes its shared-memory buffer when its process exits."""
+    """deepspeed.init_distributed() without DeepSpeed's CPU shared-memory all-reduce op. That op serves only
+    inference_all_reduce (AutoTP inference), which training never calls: the collectives of training are gloo's on
+    CPU and NCCL's on GPUs with it or without it. Loaded, it cost a gcc build on a machine's first run (24-60 s),
+    69 MB of /dev/shm per rank that DeepSpeed 0.19 never removes, a spin-wait at start for every other rank's
+    buffer, and a build lock that a process killed while loading it leaves behind: then every later run waits on
+    it forever without a word."""
     import deepspeed
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        deepspeed.init_distributed()
-    for line in printed.getvalue().splitlines():
-        if not re.fullmatch(r"DeepSpeed \S+ built successfully", line):
-            print(line, flush=True)
-    atexit.register(shm_all_reduce_buffer().unlink, missing_ok=True)  # named now: a later run here gets a new port
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed's build_shm_op reads this; no build, no shm
+    deepspeed.init_distributed()
 
 
-def shm_all_reduce_buffer(shm_dir: Path = Path("/dev/shm")) -> Path:
-    """This rank's file of DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp): 69 MB of
-    RAM-backed /dev/shm per rank of a multi-process CPU run, named by user, MASTER_ADDR, MASTER_PORT and rank, that
-    DeepSpeed 0.19 never unlinks: without removal every such run leaves them behind until reboot."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return shm_dir / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{os.environ.get('RANK', '0')}"
+def build_cpu_adam(groups: list[dict], lr: float, betas: tuple[float, float]):
+    """DeepSpeedCPUAdam (AdamW mode) over `groups`: the optimizer ZeRO's CPU offload requires. Its C++ op is
+    compiled with gcc into TORCH_EXTENSIONS_DIR on a machine's first run (60-90 s) under a lock file; torch waits
+    for that lock with no message, forever when a build was interrupted (Ctrl-C, a killed rank) and left it."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    say_if_build_is_locked("cpu_adam")
+    return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+
+
+def say_if_build_is_locked(op_name: str):
+    """Print one line when the JIT build folder of `op_name` holds torch's lock file, before torch waits on it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op_name, verbose=False)) / "lock"
+    if lock.exists():
+        print(f"waiting for {lock}: another process is compiling {op_name}, or a compile was interrupted and left "
+              "the lock behind (then no run gets past this point: delete the file)", flush=True)
 
 
 def quiet_deepspeed_warnings():

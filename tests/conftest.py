@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -40,9 +41,34 @@ def tiny_model(tiny_dir):
 def run_script(script: Path, *args: str, timeout=600, env_extra=None, cwd=None) -> subprocess.CompletedProcess:
     """Run a recipe's run.sh (or any script) as a user would, from `cwd` (default: the script's folder); output
     captured for the assertion message."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
     cmd = ["bash", str(script), *args] if script.suffix == ".sh" else [sys.executable, str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or script.parent)
+    # its own process group: a launcher's ranks are stopped with it, never left running into the next test
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=cwd or script.parent, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = stop_with_stacks(proc)
+        pytest.fail(f"{script} ran past {timeout} s; where each process stood:\n"
+                    f"{stdout[-4000:]}\n{stderr[-12000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def stop_with_stacks(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGABRT to the run's process group: with PYTHONFAULTHANDLER set, every Python process in it (launcher and
+    ranks) prints the stack of each of its threads before it dies; then SIGKILL whatever is left."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGABRT)
+    try:
+        stdout, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # ranks the launcher did not take down with it
+    return stdout, stderr
 
 
 def load_recipe(folder: Path):

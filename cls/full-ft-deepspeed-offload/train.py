@@ -44,6 +44,7 @@ from common.cls_eval import (
 from common.config import UserError, config_to_dict, exit_on_user_error, parse_config
 from common.data import batch_stream, build_cls_examples, collate_left_padded, label_set, plan_batches, read_records
 from common.deepspeed_utils import (
+    build_cpu_adam,
     fill_ds_config,
     gather_full_state_dict,
     init_distributed,
@@ -151,9 +152,7 @@ def make_ds_optimizer(classifier, cfg: Config, device: torch.device):
             if params:
                 groups.append({**group, "params": params, "lr": cfg.head_lr if is_head else cfg.lr})
     if cfg.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), adamw_mode=True)
+        return build_cpu_adam(groups, cfg.lr, tuple(cfg.adam_betas))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=device.type == "cuda")
 
 

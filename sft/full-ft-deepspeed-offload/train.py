@@ -34,6 +34,7 @@ from common.data import (
     sft_data_report,
 )
 from common.deepspeed_utils import (
+    build_cpu_adam,
     fill_ds_config,
     gather_full_state_dict,
     init_distributed,
@@ -173,9 +174,7 @@ def make_ds_optimizer(model, cfg: Config, device):
     groups = weight_decay_groups(model, cfg.weight_decay)
     betas = tuple(cfg.adam_betas)
     if cfg.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, adamw_mode=True)
+        return build_cpu_adam(groups, cfg.lr, betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type == "cuda")
 
 

@@ -1,14 +1,14 @@
 """common/deepspeed_utils.py: the DeepSpeed JSON with the values the Config owns written in (a disagreement is an
-error), a bad --ds_config in one line, and init_distributed dropping only DeepSpeed's "built successfully" print."""
+error), a bad --ds_config in one line, init_distributed without the shm all-reduce, and a held JIT build lock named."""
 import os
+import subprocess
 import sys
-import types
 
 import pytest
 
-from common import deepspeed_utils
 from common.config import UserError
-from common.deepspeed_utils import fill_ds_config, init_distributed, read_ds_config, shm_all_reduce_buffer
+from common.deepspeed_utils import fill_ds_config, read_ds_config, say_if_build_is_locked
+from tests.conftest import REPO
 
 OWNED = {"train_micro_batch_size_per_gpu": (4, "--batch_size"), "gradient_accumulation_steps": (2, "--grad_accum"),
          "zero_optimization.stage": (3, "--zero_stage"), "optimizer": (None, "--lr")}
@@ -45,35 +45,37 @@ def test_read_ds_config_errors_are_one_line(tmp_path, text, expected):
     assert read_ds_config(path) == {"zero_optimization": {"stage": 1}}
 
 
-def test_init_distributed_drops_only_the_shm_op_line(monkeypatch, capsys):
-    def fake_init_distributed():  # what deepspeed.init_distributed prints on a CPU machine, and something else
-        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
-        print("a line DeepSpeed has to say")
+INIT_ONE_PROCESS = """
+import os, sys
+from pathlib import Path
+from common.runtime import set_single_process_env
+from common.deepspeed_utils import init_distributed
+set_single_process_env()
+init_distributed()
+import deepspeed.comm.comm as ds_comm
+buffers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*"))
+print("shm op", ds_comm.cdb.shm_comm_op, "buffers", len(buffers))
+"""
 
-    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=fake_init_distributed))
-    init_distributed()
-    assert capsys.readouterr().out == "a line DeepSpeed has to say\n"
+
+@pytest.mark.slow
+def test_init_distributed_neither_builds_nor_maps_the_shm_all_reduce(tmp_path):
+    """DeepSpeed's CPU shared-memory all-reduce serves inference only: init_distributed leaves it out, so a fresh
+    machine compiles nothing at start (TORCH_EXTENSIONS_DIR stays empty) and no rank maps a 69 MB /dev/shm buffer."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-c", INIT_ONE_PROCESS], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shm op None buffers 0" in proc.stdout
+    assert not any(tmp_path.iterdir())
 
 
-def test_each_rank_removes_its_own_shm_buffer_at_exit(monkeypatch, tmp_path):
-    """DeepSpeed's CPU all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> behind; the
-    recipes remove their own rank's at exit, and no other file."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29715")
-    monkeypatch.setenv("RANK", "1")
-    mine = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29715_1"
-    others = [tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29715_0",
-              tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29716_1"]
-    for path in (mine, *others):
-        path.write_bytes(b"x")
-    assert shm_all_reduce_buffer(tmp_path) == mine
-    at_exit = []  # what init_distributed leaves for the process's exit, with the shm folder pointed at tmp_path
-    monkeypatch.setattr(deepspeed_utils.atexit, "register", lambda fn, **kwargs: at_exit.append((fn, kwargs)))
-    monkeypatch.setattr(deepspeed_utils, "shm_all_reduce_buffer", lambda: shm_all_reduce_buffer(tmp_path))
-    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=lambda: None))
-    init_distributed()
-    assert len(at_exit) == 1
-    for _ in range(2):  # gone already the second time: no error
-        fn, kwargs = at_exit[0]
-        fn(**kwargs)
-    assert not mine.exists() and all(p.exists() for p in others)
+def test_a_held_build_lock_is_named_before_torch_waits_on_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    say_if_build_is_locked("cpu_adam")
+    assert capsys.readouterr().out == ""
+    lock = tmp_path / "cpu_adam" / "lock"  # what a compile killed midway leaves
+    lock.touch()
+    say_if_build_is_locked("cpu_adam")
+    said = capsys.readouterr().out
+    assert said.startswith(f"waiting for {lock}: ") and "delete the file" in said and said.count("\n") == 1
