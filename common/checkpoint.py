@@ -125,8 +125,10 @@ def cast_floating(state_dict: dict, dtype: torch.dtype) -> dict:
     return state_dict
 
 
-def save_checkpoint(output_dir, step: int, save_model, optimizer, scheduler, keep_last: int) -> Path:
-    """Write checkpoints/step_N atomically: save_model(folder) writes the weights; keep the newest keep_last.
+def save_checkpoint(output_dir, step: int, save_model, optimizer, scheduler, keep_last: int, scaler=None) -> Path:
+    """Write checkpoints/step_N atomically: save_model(folder) writes the weights; keep the newest keep_last. An
+    enabled torch.amp.GradScaler (fp16) saves its loss scale too: resumed without it, the scale would start again at
+    2^16 and the first steps after the resume would overflow and be skipped.
 
     For replicated training (one process, DDP): every rank calls it, rank 0 writes (with every rank's RNG state), the
     others wait for it with the long save timeout (common/runtime.py:wait_for_all)."""
@@ -139,8 +141,11 @@ def save_checkpoint(output_dir, step: int, save_model, optimizer, scheduler, kee
     if not dist.is_initialized() or dist.get_rank() == 0:
         def write(folder: Path):
             save_model(folder)
-            torch.save({"step": step, "world_size": len(rngs), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rngs}, folder / STATE_FILE)
+            state = {"step": step, "world_size": len(rngs), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rngs}
+            if scaler is not None and scaler.is_enabled():
+                state["grad_scaler"] = scaler.state_dict()
+            torch.save(state, folder / STATE_FILE)
 
         atomic_write_dir(path, write)
         for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
@@ -190,18 +195,22 @@ def resume_checkpoint(output_dir) -> Path | None:
     return folder
 
 
-def load_trainer_state(folder: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; returns the step it was taken at."""
+def load_trainer_state(folder: Path, optimizer, scheduler, scaler=None) -> int:
+    """Restore optimizer, scheduler, this rank's RNG and an enabled GradScaler's loss scale (when the checkpoint
+    has one: one taken in bf16 or fp32 has none) from a checkpoint; returns the step it was taken at."""
     state = load_state_file(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     restore_rank_rng_state(state)
     return state["step"]
 
 
-def resume_adapter_training(model, optimizer, scheduler, output_dir, device: torch.device, log) -> int:
-    """--resume for the LoRA recipes: the adapter (with a score head where there is one), optimizer, schedule and RNG
-    of rank 0's latest checkpoint, on every rank; returns its step (0, said in the log, when there is none)."""
+def resume_adapter_training(model, optimizer, scheduler, output_dir, device: torch.device, log, scaler=None) -> int:
+    """--resume for the LoRA recipes: the adapter (with a score head where there is one), optimizer, schedule, RNG
+    and loss scale of rank 0's latest checkpoint, on every rank; returns its step (0, said in the log, when there is
+    none)."""
     folder = resume_checkpoint(output_dir)
     if folder is None:
         log.info(f"--resume: no checkpoint in {Path(output_dir) / 'checkpoints'}, starting from step 0")
@@ -210,7 +219,7 @@ def resume_adapter_training(model, optimizer, scheduler, output_dir, device: tor
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors", device=str(device)))
-    start_step = load_trainer_state(folder, optimizer, scheduler)
+    start_step = load_trainer_state(folder, optimizer, scheduler, scaler)
     log.info(f"resumed from {folder} at step {start_step}")
     return start_step
 

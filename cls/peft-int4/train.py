@@ -210,7 +210,7 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, cfg.weight_decay, rt.device)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
+    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log, scaler) if cfg.resume else 0
 
     log.info(f"model    {cfg.model_path} ({model_dir}) | GPTQ int{quant.bits} group {quant.group_size} base + LoRA "
              f"r={cfg.lora_r} on {','.join(targets)} + score head | "
@@ -283,7 +283,7 @@ def main(cfg: Config) -> dict:
             log_eval(log, step, total_steps, metrics, cfg.task)
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
-            path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last)
+            path = save_checkpoint(out, step, model.save_pretrained, optimizer, scheduler, cfg.keep_last, scaler)
             log.info(f"saved checkpoint {path}")
         if preempted:
             log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint "

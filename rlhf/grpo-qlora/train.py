@@ -269,7 +269,7 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg.optim, cfg.lr, 0.0, rt.device)  # no weight decay on the adapters
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
-    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log) if cfg.resume else 0
+    start_step = resume_adapter_training(model, optimizer, scheduler, out, rt.device, log, scaler) if cfg.resume else 0
     adapter = f"the SFT adapter {init_adapter}" if init_adapter else f"LoRA r={cfg.lora_r}"
     reference = "off" if cfg.kl_beta == 0 else "the starting adapter, frozen" if init_adapter else "the base"
     log.info(f"model    {cfg.model_path} ({model_dir}) | {cfg.quantization} base + {adapter} | trainable "
@@ -361,7 +361,7 @@ def main(cfg: Config) -> dict:
         preempted = stop_requested(stop, rt)
         if (cfg.save_every > 0 and step % cfg.save_every == 0 or preempted):  # all ranks call it; rank 0 writes
             save_adapter = functools.partial(model.save_pretrained, selected_adapters=["default"])
-            path = save_checkpoint(out, step, save_adapter, optimizer, scheduler, cfg.keep_last)
+            path = save_checkpoint(out, step, save_adapter, optimizer, scheduler, cfg.keep_last, scaler)
             log.info(f"saved checkpoint {path}")
         if preempted:
             log.info(f"stopped by {stop.signal or 'a signal to another rank'} after step {step}: checkpoint {path}; "

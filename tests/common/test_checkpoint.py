@@ -59,6 +59,40 @@ def test_resume_restores_optimizer_scheduler_and_rng_through_a_weights_only_load
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+def overflowed_scaler(overflows: int, clean_steps: int):
+    """An fp16-style GradScaler (on CPU, init scale 2^16, growth every 3 clean steps) after `overflows` steps whose
+    gradients were inf, then `clean_steps` finite ones: the scale halves on each overflow."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    for step in range(overflows + clean_steps):
+        optimizer.zero_grad()
+        factor = float("inf") if step < overflows else 1.0
+        scaler.scale((weight * factor).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return optimizer, scaler
+
+
+def test_an_fp16_loss_scale_is_saved_and_resumed(tmp_path):
+    """The GradScaler of an fp16 run (GPUs without bf16) comes back with its scale and growth count: a fresh one
+    would start at 2^16 and skip the resumed run's first steps as overflows. bf16/fp32 checkpoints carry none."""
+    from common.checkpoint import load_trainer_state, save_checkpoint
+
+    optimizer, scaler = overflowed_scaler(overflows=5, clean_steps=2)
+    assert scaler.get_scale() == 2.0**11 and scaler.state_dict()["_growth_tracker"] == 2
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    saved = save_checkpoint(tmp_path, 7, lambda folder: None, optimizer, scheduler, keep_last=2, scaler=scaler)
+    fresh_optimizer, fresh = overflowed_scaler(overflows=0, clean_steps=0)
+    assert load_trainer_state(saved, fresh_optimizer, scheduler, fresh) == 7
+    assert fresh.state_dict() == scaler.state_dict()
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # bf16 / fp32: nothing to save
+    plain = save_checkpoint(tmp_path, 8, lambda folder: None, optimizer, scheduler, keep_last=2, scaler=disabled)
+    _, fresh = overflowed_scaler(overflows=0, clean_steps=0)
+    load_trainer_state(plain, fresh_optimizer, scheduler, fresh)
+    assert fresh.get_scale() == 2.0**16
+
+
 def test_atomic_write_dir_leaves_no_partial_folder_when_the_write_fails(tmp_path):
     from common.checkpoint import atomic_write_dir
 
