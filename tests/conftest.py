@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +53,16 @@ def run_script(script: Path, *args: str, timeout=600, env_extra=None, cwd=None) 
         stdout, stderr = stop_with_stacks(proc)
         pytest.fail(f"{script} ran past {timeout} s; where each process stood:\n"
                     f"{stdout[-4000:]}\n{stderr[-12000:]}", pytrace=False)
+    except BaseException:  # Ctrl-C: the run's group is outside the terminal's, so it is stopped here
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def stop_with_stacks(proc: subprocess.Popen) -> tuple[str, str]:
     """SIGABRT to the run's process group: with PYTHONFAULTHANDLER set, every Python process in it (launcher and
     ranks) prints the stack of each of its threads before it dies; then SIGKILL whatever is left."""
-    import signal
-
     os.killpg(proc.pid, signal.SIGABRT)
     try:
         stdout, stderr = proc.communicate(timeout=20)
