@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -235,10 +236,16 @@ def materialize_tiny_gptq() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         # one thread: the tiny model's matrices are too small to gain from more, and on a busy machine spinning
-        # threads made this 20x slower (85 s against 4 s)
-        with torch_threads(1):
-            quantize_gptq(tiny, tmp / "model", calibration_texts=record_texts(read_records(SAMPLE_CALIBRATION)),
-                          **TINY_GPTQ_SETTINGS)
+        # threads made this 20x slower (85 s against 4 s). optimum's per-block progress bars (stderr) are held back:
+        # a default run's screen starts with its start-up block; they are shown only if quantizing fails
+        bars = io.StringIO()
+        try:
+            with torch_threads(1), contextlib.redirect_stderr(bars):
+                quantize_gptq(tiny, tmp / "model", calibration_texts=record_texts(read_records(SAMPLE_CALIBRATION)),
+                              **TINY_GPTQ_SETTINGS)
+        except Exception:
+            print(bars.getvalue(), file=sys.stderr, flush=True)
+            raise
         os.rename(tmp / "model", target)  # atomic: a reader sees no folder or a complete one
     except OSError:
         if not (target / "model.safetensors").is_file():  # not another process finishing first: a real failure

@@ -1,4 +1,5 @@
-"""common/gptq.py: where quantizing loads the full-precision model (host RAM, also with a GPU)."""
+"""common/gptq.py: where quantizing loads the full-precision model (host RAM, also with a GPU); the default tiny GPTQ
+model quantized without bars on screen."""
 import pytest
 import torch
 
@@ -37,3 +38,16 @@ def test_quantize_gptq_with_a_gpu_loads_the_model_on_cpu_in_fp16(monkeypatch, tm
         quantize_gptq(tiny_dir, tmp_path / "q", calibration_texts=["some calibration text"], seq_len=16, n_samples=1)
     assert seen["device_map"] == {"": "cpu"} and seen["dtype"] == torch.float16
     assert seen["quantization_config"].bits == 4
+
+
+@pytest.mark.slow
+def test_the_default_tiny_gptq_model_is_quantized_without_a_progress_bar_on_screen(monkeypatch, tmp_path, capsys):
+    """The first default run of a peft-int4 recipe on a machine quantizes the tiny model (a few seconds): its screen
+    still starts with the recipe's start-up block, not optimum's per-block bars."""
+    from common.gptq import gptq_quantization_config, materialize_tiny_gptq
+
+    monkeypatch.setenv("LLAMA_RECIPES_CACHE", str(tmp_path))
+    folder = materialize_tiny_gptq()
+    printed = capsys.readouterr()
+    assert "Quantizing" not in printed.out + printed.err, printed.err[-2000:]
+    assert gptq_quantization_config(folder)["bits"] == 4 and (folder / "model.safetensors").is_file()
