@@ -141,8 +141,16 @@ class Layout:
     stage: int  # this process's stage
     dp_rank: int  # its place among the stage's data-parallel replicas
     tp_rank: int  # its place among the replica's tensor-parallel ranks
-    first: bool  # stage 0: embeds the tokens
-    last: bool  # stage pp - 1: the LM head and the loss
+
+    @property
+    def first(self) -> bool:
+        """Stage 0: embeds the tokens."""
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        """Stage pp - 1: the LM head and the loss."""
+        return self.stage == self.pp - 1
 
     @property
     def counts_loss(self) -> bool:
@@ -249,9 +257,8 @@ def main(cfg: Config) -> dict:
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
     dp = rt.world_size // (cfg.pp * cfg.tp)
     mesh = init_device_mesh(rt.device.type, (cfg.pp, dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
-    stage = mesh.get_local_rank("pp")
-    layout = Layout(mesh, cfg.pp, dp, cfg.tp, stage, mesh.get_local_rank("dp"), mesh.get_local_rank("tp"),
-                    stage == 0, stage == cfg.pp - 1)
+    ranks = [mesh.get_local_rank(dim) for dim in ("pp", "dp", "tp")]  # this process's stage, replica, tp rank
+    layout = Layout(mesh, cfg.pp, dp, cfg.tp, *ranks)
     out = Path(cfg.output_dir)
 
     # ---- tokenizer and data: every stage of a data-parallel rank reads the same batches (the first stage feeds

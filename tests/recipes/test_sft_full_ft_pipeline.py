@@ -99,6 +99,19 @@ def eval_loss_of(final_dir, eval_path) -> float:
     return loss_sum / n_tokens
 
 
+def probe_losses(stage_model, reloaded) -> tuple[float, float]:
+    """The summed loss of one probe row from a one-stage pipeline's module in memory and from a model reloaded from
+    its final/ (token_loss_sum over the reloaded logits)."""
+    from common.losses import token_loss_sum
+
+    ids = torch.tensor([[1, 345, 678, 910, 1112, 1314, 1516, 2]])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        in_memory = stage_model(ids, torch.ones_like(ids), positions, labels=ids)
+        logits = reloaded(input_ids=ids).logits
+    return float(in_memory), float(token_loss_sum(logits, ids))
+
+
 @pytest.fixture(scope="module")
 def two_stages(tmp_path_factory):
     """One run of two stages in two processes, shared by the tests below."""
@@ -175,14 +188,8 @@ def test_one_process_default_matches_the_plain_loop_and_mistakes_are_one_line(tm
     # the trained stage in memory and final/ through from_pretrained: the same loss on a probe row
     from transformers import AutoModelForCausalLM
 
-    from common.losses import token_loss_sum
-
-    ids = torch.tensor([[1, 345, 678, 910, 1112, 1314, 1516, 2]])
-    positions = torch.arange(ids.shape[1])[None]
-    with torch.no_grad():
-        in_memory = result["stage_model"](ids, torch.ones_like(ids), positions, labels=ids)
-        reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()(input_ids=ids).logits
-    assert float(in_memory) == pytest.approx(float(token_loss_sum(reloaded, ids)), rel=1e-6)
+    in_memory, reloaded = probe_losses(result["stage_model"], AutoModelForCausalLM.from_pretrained(result["final_dir"]))
+    assert in_memory == pytest.approx(reloaded, rel=1e-6)
     cases = {"--pp=2": "must be a whole multiple of pp x tp",  # one process cannot hold two stages
              "--tp=3": "must be a whole multiple of pp x tp",
              "--stage_layers=3,3": "expected 1 whole numbers",
@@ -232,7 +239,6 @@ def test_a_tied_lm_head_trains_in_one_stage_and_is_saved_once(tiny_dir, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common.losses import token_loss_sum
     from common.model import load_tokenizer
 
     config = AutoConfig.from_pretrained(tiny_dir)
@@ -247,10 +253,7 @@ def test_a_tied_lm_head_trains_in_one_stage_and_is_saved_once(tiny_dir, tmp_path
     assert result["losses"][-1] < result["losses"][0]
     saved = load_file(result["final_dir"] / "model.safetensors")
     assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
-    reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"]).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(result["final_dir"])
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
-    ids = torch.tensor([[1, 345, 678, 910, 1112, 1314, 1516, 2]])
-    with torch.no_grad():
-        in_memory = result["stage_model"](ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], labels=ids)
-        logits = reloaded(input_ids=ids).logits
-    assert float(in_memory) == pytest.approx(float(token_loss_sum(logits, ids)), rel=1e-6)
+    in_memory, from_final = probe_losses(result["stage_model"], reloaded)
+    assert in_memory == pytest.approx(from_final, rel=1e-6)
